@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer and freezing, data pipeline, checkpoints, metrics."""
