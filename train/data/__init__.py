@@ -1,0 +1,70 @@
+"""The training data pipeline: LLaVA-style records -> static ``wings_jax.batch`` batches.
+
+Main entry point::
+
+    from train.data import default_data_config, make_train_iterator, system_prompt_length
+
+    data = default_data_config()
+    data.sources = [
+        {"path": "llava_v1_5_mix665k.json", "kind": "json", "image_root": "/data/images", "weight": 1.0},
+        {"path": "text_only.jsonl", "kind": "jsonl", "weight": 0.2},
+        {"path": "my_tfds_name:1.0.0", "kind": "tfds", "split": "train", "data_dir": "/data/tfds"},
+    ]
+    data.seq_len, data.batch_size = 2048, 8
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local_dir)
+    iterator = make_train_iterator(data, model_config, tokenizer, seed=0)   # process index/count from jax
+    batch = next(iterator)              # dict of numpy arrays, keys wings_jax.batch.BATCH_KEYS
+    state = iterator.get_state()        # JSON-serialisable; iterator.set_state(state) resumes exactly
+    iterator.bad_records.totals()       # cumulative {kind: count}: per-step metrics
+    iterator.bad_records.summary()      # readable report for the end of the run
+
+The iterator is a ``grain.DatasetIterator``, so Orbax saves it as a checkpoint item with
+``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)``. Restoring needs the
+same data config, seed and process count (the worker count may differ).
+
+Data config fields (``default_data_config()`` has them all):
+
+- ``sources``: list of ``{path, kind: json|jsonl|tfds, image_root, weight, split, data_dir}``. ``kind``
+  defaults from the extension; ``weight`` (default 1) sets the mixing proportion; for ``tfds``,
+  ``path`` is the dataset name and the records are mapped by ``sources.tfds_example_to_record``.
+- ``seq_len``: tokens per sample, images expanded to ``model_config.image_tokens`` each.
+- ``batch_size``: samples per batch of this process.
+- ``overflow``: ``truncate`` (cut at seq_len, never inside an image) or ``drop``; both are counted.
+- ``shuffle``: seeded shuffle of each source, reshuffled every epoch.
+- ``num_epochs``: None repeats forever; N stops after N epochs (the last incomplete batch is dropped).
+- ``worker_count``: Grain worker processes preparing samples (0: in this process). Batches are the
+  same for every worker count.
+- ``read_threads``: threads per process reading records and images.
+- ``template``: ``qwen`` (ChatML) or ``llama3``; ``system_prompt``: the system message.
+
+Each source is sharded per process (equal strided shards ``process_index::process_count``), shuffled,
+repeated, then the sources are mixed by weight. Bad records (``bad_records.BAD_RECORD_KINDS``) never
+stop a run: each is logged with its file and record id and counted.
+
+``model_config.wings.system_prompt_length`` must equal ``system_prompt_length(tokenizer, template,
+system_prompt)``; ``make_train_iterator`` raises ValueError otherwise, and when the tokenizer has
+more tokens than ``text.vocab_size``.
+
+Modules: ``images`` (preprocessing), ``conversation`` (chat templates, ids + labels), ``sources``
+(JSON / JSONL / TFDS readers), ``bad_records`` (counting), ``pipeline`` (Grain), ``demo_data`` (the
+generated demo dataset and tokenizer: ``write_demo_dataset(out_dir, n_train, n_eval, seed)``).
+"""
+
+from train.data.bad_records import BAD_RECORD_KINDS, BadRecord, BadRecordCounter
+from train.data.conversation import DEFAULT_SYSTEM_PROMPT, ConversationTokenizer
+from train.data.demo_data import DemoDataset, train_demo_tokenizer, write_demo_dataset
+from train.data.images import load_image, mean_colour_image, preprocess_image
+from train.data.pipeline import TrainIterator, default_data_config, make_train_iterator, validate_data_config
+
+
+def system_prompt_length(tokenizer, template: str = "qwen", system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> int:
+    """Tokens of the template's system block: the value of ``wings.system_prompt_length``."""
+    return ConversationTokenizer(tokenizer, template, system_prompt).system_prompt_length
+
+
+__all__ = [
+    "BAD_RECORD_KINDS", "BadRecord", "BadRecordCounter", "ConversationTokenizer", "DEFAULT_SYSTEM_PROMPT",
+    "DemoDataset", "TrainIterator", "default_data_config", "load_image", "make_train_iterator",
+    "mean_colour_image", "preprocess_image", "system_prompt_length", "train_demo_tokenizer",
+    "validate_data_config", "write_demo_dataset",
+]
