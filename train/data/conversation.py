@@ -144,7 +144,7 @@ class ConversationTokenizer:
         self.system_prompt = system_prompt
         for token in self.template.special_tokens:
             ids = self._encode(token)
-            if len(ids) != 1:
+            if len(ids) != 1 or tokenizer.convert_ids_to_tokens(ids[0]) != token:
                 raise ValueError(
                     f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} encodes {token!r} as {ids}, but the "
                     f"{self.template.name!r} chat template needs it to be a single special token"
