@@ -184,13 +184,19 @@ def convert_reference(src: Path, dst: Path, dtype: str | None = None, scan: bool
     return config
 
 
-def _siglip_unused(config: ModelConfig) -> Callable[[str], bool]:
+def _siglip_prefix(source: TensorSource) -> str:
+    """'vision_model.' for a full SigLIP (with its text tower) and older vision-only saves; '' for a
+    vision-only ``SiglipVisionModel`` saved by recent ``transformers``."""
+    return HF_SIGLIP_VISION_PREFIX if any(n.startswith(HF_SIGLIP_VISION_PREFIX) for n in source.names()) else ""
+
+
+def _siglip_unused(config: ModelConfig, prefix: str) -> Callable[[str], bool]:
     """SigLIP tensors a Wings tower drops: the text tower, logit scale/bias, the pooling head, and the
     encoder layers after the selected one."""
-    layer = re.compile(re.escape(HF_SIGLIP_VISION_PREFIX) + r"encoder\.layers\.(\d+)\.")
+    layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
 
     def unused(name: str) -> bool:
-        if not name.startswith(HF_SIGLIP_VISION_PREFIX) or name.startswith(HF_SIGLIP_VISION_PREFIX + "head."):
+        if not name.startswith(prefix) or name.startswith(prefix + "head."):
             return True
         match = layer.match(name)
         return bool(match) and int(match.group(1)) >= config.vision.kept_layers
@@ -214,10 +220,10 @@ def assemble_stage1(llm: Path, vision: Path, dst: Path, projector: Path | None =
         wings=WingsConfig(stage=1, lora_dim=lora_dim, system_prompt_length=system_prompt_length, mask_mode=mask_mode),
         param_dtype=param_dtype, dtype=param_dtype, scan_layers=scan,
     ))
-    loaded = {"llm": (llm_specs(config), llm_source), "vision": (vision_specs(config, HF_SIGLIP_VISION_PREFIX),
-                                                                  vision_source)}
+    prefix = _siglip_prefix(vision_source)
+    loaded = {"llm": (llm_specs(config), llm_source), "vision": (vision_specs(config, prefix), vision_source)}
     check_source(*loaded["llm"], f"LLM checkpoint {llm}")
-    check_source(*loaded["vision"], f"SigLIP checkpoint {vision}", ignore=_siglip_unused(config))
+    check_source(*loaded["vision"], f"SigLIP checkpoint {vision}", ignore=_siglip_unused(config, prefix))
     fresh = learner_specs(config)
     if projector is None:
         fresh += projector_specs(config)

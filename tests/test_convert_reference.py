@@ -71,27 +71,37 @@ def reference_tensors(text: str, stage: int, dtype: np.dtype, seed: int = 0) -> 
     return {name: rng.standard_normal(shape).astype(np.float32).astype(dtype) for name, shape in shapes.items()}
 
 
-def reference_config(text: str, vision_folder) -> dict:
-    """A reference config.json: the LLM's HF config plus the mm_* and learner fields."""
+def hf_llm_config(text: str) -> transformers.PretrainedConfig:
+    """The HF Qwen2 / Llama config of a tiny text preset, spelled out field by field."""
     t = tiny_model(text).text
     cls = transformers.Qwen2Config if t.architecture == "qwen2" else transformers.LlamaConfig
     extra = {"attention_bias": t.attention_bias} if t.architecture == "llama" else {}
-    hf = cls(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-             num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-             rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, rope_scaling=t.rope_scaling_dict,
-             tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings, **extra)
-    return {**hf.to_dict(), "architectures": [f"Wings{cls.__name__.removesuffix('Config')}ForCausalLM"],
+    return cls(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+               num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+               rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, rope_scaling=t.rope_scaling_dict,
+               tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings, **extra)
+
+
+def hf_siglip_vision_config() -> transformers.SiglipVisionConfig:
+    """The HF config of the tiny SigLIP preset (3 layers)."""
+    v = tiny_model().vision
+    return transformers.SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+    )
+
+
+def reference_config(text: str, vision_folder) -> dict:
+    """A reference config.json: the LLM's HF config plus the mm_* and learner fields."""
+    hf = hf_llm_config(text)
+    return {**hf.to_dict(), "architectures": [f"Wings{type(hf).__name__.removesuffix('Config')}ForCausalLM"],
             "mm_vision_tower": str(vision_folder), "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
             "mm_vision_select_layer": -2, "lora_dim": 8, "system_prompt_length": 3, "image_token_length": 16}
 
 
 def siglip_config_folder(path):
     """A local 'vision tower' folder whose config.json describes the tiny SigLIP (3 layers)."""
-    v = tiny_model().vision
-    transformers.SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-    ).save_pretrained(path)
+    hf_siglip_vision_config().save_pretrained(path)
     return path
 
 
