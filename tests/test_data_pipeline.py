@@ -140,6 +140,7 @@ def _bad_records_file(tmp_path, demo):
                                                      {"from": "gpt", "value": "Yes."}]}),
         "",
         json.dumps(["a list"]),
+        json.dumps({**good, "id": "odd-image", "image": 7}),
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -156,18 +157,18 @@ def test_bad_records_are_counted_and_reported(demo, tokenizer, model_config, tmp
         batches = list(iterator)
     totals = iterator.bad_records.totals()
     assert totals == {
-        "malformed_record": 2, "bad_conversations": 1, "no_assistant_turn": 1, "missing_image": 1,
+        "malformed_record": 2, "bad_conversations": 1, "no_assistant_turn": 1, "missing_image": 2,
         "truncated": int(overflow == "truncate"), "dropped_too_long": int(overflow == "drop"),
     }
-    assert len(batches) == 2 + (overflow == "truncate")  # good, lost-image (+ long)
+    assert len(batches) == 3 + (overflow == "truncate")  # good, lost-image, (long,) odd-image
     np.testing.assert_array_equal(batches[1]["pixel_values"][0, 0], mean_colour_image(28))
     if overflow == "truncate":
         assert batches[2]["attention_mask"].all()
     for where in (f"{path}:2", f"{path}:3 id=no-conv", f"{path}:4 id=no-gpt", f"{path}:5 id=lost-image",
-                  f"{path}:6 id=long", f"{path}:8"):
+                  f"{path}:6 id=long", f"{path}:8", f"{path}:9 id=odd-image"):
         assert where in caplog.text
     summary = iterator.bad_records.summary()
-    assert "malformed_record: 2" in summary and "missing_image: 1" in summary and "nowhere.png" in summary
+    assert "malformed_record: 2" in summary and "missing_image: 2" in summary and "nowhere.png" in summary
 
 
 def test_bad_record_counts_survive_resume(demo, tokenizer, model_config, tmp_path):

@@ -20,7 +20,7 @@ Main entry point::
 
 The iterator is a ``grain.DatasetIterator``, so Orbax saves it as a checkpoint item with
 ``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)``. Restoring needs the
-same data config, seed and process count (the worker count may differ).
+same data config (worker count included: its state layout differs), seed and process count.
 
 Data config fields (``default_data_config()`` has them all):
 
@@ -33,7 +33,7 @@ Data config fields (``default_data_config()`` has them all):
 - ``shuffle``: seeded shuffle of each source, reshuffled every epoch.
 - ``num_epochs``: None repeats forever; N stops after N epochs (the last incomplete batch is dropped).
 - ``worker_count``: Grain worker processes preparing samples (0: in this process). Batches are the
-  same for every worker count.
+  same for every worker count; a saved state restores only into the same worker count.
 - ``read_threads``: threads per process reading records and images.
 - ``template``: ``qwen`` (ChatML) or ``llama3``; ``system_prompt``: the system message.
 

@@ -127,7 +127,7 @@ class RecordToSample:
             return None, (BadRecord("malformed_record", item.origin, "?", item.problem or ""),)
         record, record_id = item.record, item.record_id
         image = record.get("image")
-        has_image = image is not None and len(image) > 0
+        has_image = image is not None and (not hasattr(image, "__len__") or len(image) > 0)
         try:
             ids, labels = self.conversations(record.get("conversations"), has_image)
         except ConversationError as error:
