@@ -1,0 +1,205 @@
+"""The Wings model: image -> SigLIP features -> projector -> merged sequence -> decoder -> loss.
+
+``WingsModel(config)`` consumes the static batch format of ``wings_jax.batch``. A batch without
+``pixel_values`` means "no image passed at all" (text-only inference), which matters in the
+``reference`` mask mode (spec section 3).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wings_jax.attention import MaskSpec
+from wings_jax.config import IGNORE_INDEX, ModelConfig
+from wings_jax.decoder import Decoder, LayerInputs
+from wings_jax.lorra import (
+    merge_image_features,
+    reference_visual_multiplier,
+    textual_source_causal,
+    textual_source_reference,
+    visual_source_causal,
+    visual_source_reference,
+)
+from wings_jax.projector import Projector
+from wings_jax.vision import SiglipVisionTower
+
+MODES = ("loss", "logits", "hidden", "laws", "image_features")
+
+
+class WingsModel(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, batch: dict, mode: str = "loss"):
+        """mode 'loss': {'loss', 'loss_sum', 'num_tokens'}; 'logits': float32 (B, L, V);
+        'hidden': final normed hidden states (B, L, d); 'laws': per-layer attention mass on the
+        (before-image, image, after-image) key segments, (B, n_layers, 3); 'image_features': the
+        projected features (B, M * N, d) of ``pixel_values`` (the batch needs nothing else)."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        config = self.config
+        if mode == "image_features":
+            return self._image_features(batch["pixel_values"], batch["image_valid"])
+        has_pixels = batch.get("pixel_values") is not None
+        flags = self._learner_flags(has_pixels)
+        decoder = Decoder(config, collect_laws=mode == "laws", name="decoder", **flags)
+        input_ids = batch["input_ids"]
+        image_mask = batch["image_mask"].astype(bool)
+        embeds = decoder.embed(input_ids)
+        features = None
+        if has_pixels:
+            features = self._image_features(batch["pixel_values"], batch["image_valid"])
+            embeds = merge_image_features(embeds, features, image_mask)
+        inputs = self._layer_inputs(batch, embeds, features, flags, with_laws=mode == "laws")
+        hidden, laws = decoder(embeds, inputs)
+        if mode == "hidden":
+            return hidden
+        if mode == "laws":
+            return jnp.transpose(laws, (1, 0, 2))
+        head = decoder.head_weight().astype(hidden.dtype)
+        if mode == "logits":
+            return jnp.einsum("bld,dv->blv", hidden, head).astype(jnp.float32)
+        loss_sum, num_tokens = chunked_cross_entropy(hidden, head, batch["labels"], config.loss_chunk_size)
+        return {"loss": loss_sum / jnp.maximum(num_tokens, 1), "loss_sum": loss_sum, "num_tokens": num_tokens}
+
+    def logits(self, batch: dict) -> jnp.ndarray:
+        return self(batch, mode="logits")
+
+    def laws(self, batch: dict) -> jnp.ndarray:
+        return self(batch, mode="laws")
+
+    def encode_images(self, pixel_values: jnp.ndarray, image_valid: jnp.ndarray) -> jnp.ndarray:
+        """(B, M, H, W, 3) pixels -> projected features (B, M * N, d); unused slots see zero pixels."""
+        return self({"pixel_values": pixel_values, "image_valid": image_valid}, mode="image_features")
+
+    def _image_features(self, pixel_values: jnp.ndarray, image_valid: jnp.ndarray) -> jnp.ndarray:
+        config = self.config
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        batch, slots = pixel_values.shape[:2]
+        pixels = jnp.where(image_valid[:, :, None, None, None], pixel_values, 0.0)
+        tower = SiglipVisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=config.scan_layers,
+                                  remat_policy=config.remat_policy, name="vision_tower")
+        # The tower is frozen in both stages: no gradient, and no backward pass through it.
+        features = jax.lax.stop_gradient(tower(pixels.reshape(batch * slots, *pixels.shape[2:])))
+        projected = Projector(config.projector, config.text.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                              name="projector")(features)
+        return projected.reshape(batch, slots * config.image_tokens, -1)
+
+    def _learner_flags(self, has_pixels: bool) -> dict:
+        wings = self.config.wings
+        if not wings.enabled:
+            return dict(use_visual=False, use_textual=False, use_router=False)
+        if wings.stage == 1:
+            return dict(use_visual=has_pixels, use_textual=False, use_router=False)
+        if wings.mask_mode == "reference" and not has_pixels:
+            return dict(use_visual=False, use_textual=True, use_router=False)
+        return dict(use_visual=has_pixels, use_textual=True, use_router=True)
+
+    def _layer_inputs(self, batch, embeds, features, flags, with_laws) -> LayerInputs:
+        config, wings = self.config, self.config.wings
+        image_mask = batch["image_mask"].astype(bool)
+        attention_mask = batch["attention_mask"].astype(bool)
+        positions = batch["positions"]
+        index = jnp.broadcast_to(jnp.arange(image_mask.shape[1]), image_mask.shape)
+        inputs = LayerInputs(positions=positions, mask=MaskSpec(index, index, attention_mask, causal=True))
+        if with_laws:
+            inputs = inputs._replace(laws_channels=segment_indicators(image_mask, attention_mask))
+        if not (flags["use_visual"] or flags["use_textual"]):
+            return inputs
+        s = wings.system_prompt_length
+        if wings.mask_mode == "causal":
+            if flags["use_visual"]:
+                valid = jnp.repeat(batch["image_valid"].astype(bool), config.image_tokens, axis=1)
+                inputs = inputs._replace(visual=visual_source_causal(features, valid, image_mask, positions),
+                                         visual_weight=jnp.ones(image_mask.shape[:1], jnp.float32))
+            if flags["use_textual"]:
+                inputs = inputs._replace(textual=textual_source_causal(embeds, image_mask, attention_mask,
+                                                                       positions, s))
+            return inputs
+        if flags["use_visual"]:
+            has_image = batch["image_valid"].astype(bool)[:, 0]
+            inputs = inputs._replace(visual=visual_source_reference(features, batch["image_valid"].astype(bool),
+                                                                    image_mask, positions, config.image_tokens))
+        else:
+            has_image = jnp.zeros(image_mask.shape[:1], bool)
+        if flags["use_textual"]:
+            textual, pad = textual_source_reference(embeds, image_mask, attention_mask, has_image, s,
+                                                    config.image_tokens)
+            inputs = inputs._replace(textual=textual)
+            if flags["use_router"]:
+                # The reference adds the learners more than once (spec section 3).
+                multiplier = reference_visual_multiplier(pad, image_mask.shape[1], config.image_tokens)
+                inputs = inputs._replace(visual_weight=multiplier, textual_weight=2.0)
+        return inputs
+
+
+def segment_indicators(image_mask: jnp.ndarray, attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """(B, L, 3) float32 indicators of the MLLM-Laws key segments: text before the first image,
+    the image tokens, text after the last image (spec section 5)."""
+    seq_len = image_mask.shape[1]
+    index = jnp.arange(seq_len)[None]
+    first = jnp.where(image_mask.any(1), jnp.argmax(image_mask, axis=1), seq_len)[:, None]
+    last = jnp.where(image_mask.any(1), seq_len - 1 - jnp.argmax(image_mask[:, ::-1], axis=1), seq_len)[:, None]
+    text = attention_mask & ~image_mask
+    segments = jnp.stack([text & (index < first), image_mask & attention_mask, text & (index > last)], axis=-1)
+    return segments.astype(jnp.float32)
+
+
+def chunked_cross_entropy(hidden, head, labels, chunk_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    The float32 logits exist for one chunk of positions at a time, forward and backward.
+    """
+    batch, seq_len, width = hidden.shape
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((batch, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    chunk = min(chunk_size, seq_len)
+    padded = -(-seq_len // chunk) * chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded - seq_len), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, padded - seq_len)), constant_values=IGNORE_INDEX)
+    hidden = hidden.reshape(batch, padded // chunk, chunk, width).swapaxes(0, 1)
+    targets = targets.reshape(batch, padded // chunk, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h, t):
+        logits = jnp.einsum("bcd,dv->bcv", h, head).astype(jnp.float32)
+        valid = t != IGNORE_INDEX
+        picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * valid), jnp.sum(valid)
+
+    sums, counts = jax.lax.map(lambda xs: chunk_loss(*xs), (hidden, targets))
+    return sums.sum(), counts.sum().astype(jnp.int32)
+
+
+def dummy_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 8) -> dict:
+    """An all-padding batch of the right shapes, for initialisation and shape inference."""
+    size = config.vision.image_size
+    return {
+        "input_ids": np.zeros((batch_size, seq_len), np.int32),
+        "image_mask": np.zeros((batch_size, seq_len), bool),
+        "pixel_values": np.zeros((batch_size, config.max_images, size, size, 3), np.float32),
+        "image_valid": np.zeros((batch_size, config.max_images), bool),
+        "labels": np.full((batch_size, seq_len), IGNORE_INDEX, np.int32),
+        "positions": np.zeros((batch_size, seq_len), np.int32),
+        "attention_mask": np.ones((batch_size, seq_len), bool),
+    }
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Freshly initialised parameters (plain arrays, logical-axis metadata removed)."""
+    model = WingsModel(config.validate())
+    variables = jax.jit(model.init)(rng, dummy_batch(config, seq_len=seq_len))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """Parameter shapes and dtypes (boxed with their logical axes) without allocating anything."""
+    model = WingsModel(config.validate())
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_batch(config))["params"]
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """The logical axis names of every parameter, as a pytree of ``PartitionSpec``."""
+    return nn.get_partition_spec(abstract_params(config))
