@@ -1,0 +1,224 @@
+"""Train Wings: ``python -m train.main --config configs/<recipe>.py[:args] [--config.key=value ...] --workdir DIR``.
+
+Runs the config's stages in order, each in ``DIR/<stage name>/`` (checkpoints, metrics.jsonl,
+TensorBoard events, model_config.json). Rerunning the same command resumes from the latest
+checkpoint; a finished stage is skipped. Without ``--config`` the demo recipe runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from train import checkpointing
+from train.data import make_train_iterator, system_prompt_length
+from train.data.sources import make_source
+from train.metrics import MetricsWriter, run_summary
+from train.optim import build_optimizer, optimizer_labels
+from train.recipe import (
+    PREVIOUS_STAGE,
+    WORKDIR_MARK,
+    model_config_from,
+    runtime_data_config,
+    stage_names,
+    validate_config,
+)
+from train.state import abstract_train_state, create_train_state
+from train.step import make_train_step
+from wings_jax.checkpoint import CONFIG_FILE, load_params
+from wings_jax.config import ModelConfig
+from wings_jax.model import WingsModel, init_params
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+MODEL_CONFIG_FILE = "model_config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "training recipe (configs/*.py[:args])")
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and generated data")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the run stops, checkpoints stay as they were."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    directory: Path
+    model_config: ModelConfig
+    final_step: int
+    records: list  # this run's metric records (resumed runs: those after the resume step)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> list[StageResult]:
+    """Validate ``config``, then train its stages in ``workdir``; returns one result per stage."""
+    validate_config(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "demo" in config:
+        from train.demo import prepare_demo_data
+
+        prepare_demo_data(config, workdir)
+    tokenizer = load_tokenizer(config.tokenizer.replace(WORKDIR_MARK, str(workdir)))
+    results = []
+    for index, name in enumerate(stage_names(config)):
+        previous = results[-1].directory / CHECKPOINT_DIR if results else None
+        results.append(train_stage(config, name, index, workdir, tokenizer, previous))
+    if "demo" in config:
+        from train.demo import report_demo
+
+        report_demo(config, workdir, tokenizer, results)
+    return results
+
+
+def initial_params(source: str, previous_checkpoints: Path | None):
+    """(params, model config or None) to start a stage from: a converted checkpoint (with its
+    config), a stage's checkpoint directory, or the previous stage's last checkpoint."""
+    if source == PREVIOUS_STAGE:
+        source = str(previous_checkpoints)
+    if (Path(source) / CONFIG_FILE).is_file():
+        logging.info("initialising from the converted checkpoint %s", source)
+        return load_params(source)
+    checkpoints = Path(source) / CHECKPOINT_DIR if (Path(source) / CHECKPOINT_DIR).is_dir() else Path(source)
+    params, step = checkpointing.restore_params(checkpoints)
+    logging.info("initialising from step %d of %s", step, checkpoints)
+    return params, None
+
+
+def count_steps(stage: ml_collections.ConfigDict, data_config) -> int:
+    """``stage.num_steps``, or ``num_epochs`` passes over every source's records."""
+    if stage.num_steps != -1:
+        return stage.num_steps
+    records = sum(len(make_source(spec)) for spec in data_config.sources)
+    steps = stage.num_epochs * records // stage.batch_size
+    if steps < 1:
+        raise ValueError(f"{records} records make no full batch of {stage.batch_size}")
+    return steps
+
+
+def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previous_checkpoints: Path | None):
+    """Train (or resume, or skip if finished) one stage; returns its StageResult."""
+    stage = config[name]
+    directory = workdir / name
+    directory.mkdir(parents=True, exist_ok=True)
+    manager = checkpointing.make_manager(directory / CHECKPOINT_DIR, stage.save_every, stage.keep_checkpoints,
+                                         stage.async_checkpoints)
+    latest = manager.latest_step()
+    source = stage.init_from or (config.init_from if index == 0 else "")
+    loaded, base = (None, None)
+    if latest is None and source:
+        loaded, base = initial_params(source, previous_checkpoints)
+    data_config = runtime_data_config(stage, str(workdir), jax.process_count())
+    tokenizer_values = {"vocab_size": len(tokenizer),
+                        "system_prompt_length": system_prompt_length(tokenizer, data_config.template,
+                                                                     data_config.system_prompt)}
+    if latest is not None and (directory / MODEL_CONFIG_FILE).is_file():
+        base = ModelConfig.load(directory / MODEL_CONFIG_FILE)
+    model_config = model_config_from(config, name, tokenizer_values, base)
+    model_config.save(directory / MODEL_CONFIG_FILE)
+    total_steps = count_steps(stage, data_config)
+    if latest is not None and latest >= total_steps:
+        logging.info("[%s] finished earlier (step %d of %d); skipping", name, latest, total_steps)
+        manager.close()
+        return StageResult(name, directory, model_config, latest, [])
+
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), index)
+    params_shape = jax.eval_shape(lambda: init_params(model_config, rng, seq_len=stage.seq_len))
+    learning_rates = stage.learning_rates.to_dict()
+    tx, schedules = build_optimizer(
+        params_shape, learning_rates, total_steps, stage.warmup_ratio, stage.weight_decay,
+        b1=stage.b1, b2=stage.b2, eps=stage.eps, max_grad_norm=stage.max_grad_norm,
+    )
+    iterator = make_train_iterator(data_config, model_config, tokenizer, seed=config.seed + index)
+    if latest is None:
+        state = create_train_state(model_config, tx, rng, stage.seq_len, loaded)
+        start = 0
+    else:
+        state, data_state = checkpointing.restore(manager, latest, abstract_train_state(model_config, tx, rng,
+                                                                                         stage.seq_len))
+        iterator.set_state(data_state)
+        start = latest
+        logging.info("[%s] resuming at step %d of %d", name, start, total_steps)
+    step_fn = make_train_step(WingsModel(model_config), tx, optimizer_labels(params_shape, learning_rates),
+                              stage.grad_accum)
+    records = train_loop(name, step_fn, state, iterator, manager, schedules, start, total_steps, directory)
+    return StageResult(name, directory, model_config, total_steps, records)
+
+
+def train_loop(name, step_fn, state, iterator, manager, schedules, start: int, total_steps: int, directory: Path):
+    """Run steps ``start + 1 .. total_steps``: metrics every step, checkpoints on the manager's interval
+    and at the end. A non-finite loss raises NonFiniteLossError (after pending saves finish)."""
+    writer = MetricsWriter(directory, resume_step=start)
+    started = time.perf_counter()
+    records = []
+    try:
+        with tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True) as bar:
+            for step in range(start + 1, total_steps + 1):
+                tick = time.perf_counter()
+                batch = next(iterator)
+                tokens = int(batch["attention_mask"].sum())
+                state, metrics = step_fn(state, batch)
+                metrics = jax.device_get(metrics)
+                seconds = time.perf_counter() - tick
+                record = step_record(metrics, schedules, step, tokens, seconds, iterator.bad_records.totals())
+                writer.write(step, record)
+                if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                    manager.wait_until_finished()
+                    last = manager.latest_step()
+                    raise NonFiniteLossError(
+                        f"[{name}] non-finite loss {record['loss']} (grad norm {record['grad_norm']}) at step {step}; "
+                        f"stopped. Last good checkpoint: "
+                        f"{'none' if last is None else f'step {last} in {manager.directory}'}"
+                    )
+                records.append({"step": step, **record})
+                checkpointing.save(manager, step, state, iterator.get_state(), force=step == total_steps)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                bar.update()
+        manager.wait_until_finished()
+    finally:
+        writer.close()
+        manager.close()
+    print(run_summary(name, records, iterator.bad_records.summary(), time.perf_counter() - started))
+    return records
+
+
+def step_record(metrics, schedules, step: int, tokens: int, seconds: float, bad_records: dict) -> dict:
+    """One metrics record: loss, grad norm, lr per group (the schedule's value at this update), speed,
+    cumulative bad-record counts."""
+    record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+              "label_tokens": int(metrics["num_tokens"]), "tokens_per_s": tokens / seconds, "step_time_s": seconds}
+    record.update({f"lr/{group}": float(schedule(step - 1)) for group, schedule in schedules.items()})
+    record.update({f"bad_records/{kind}": count for kind, count in bad_records.items()})
+    return record
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
