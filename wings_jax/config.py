@@ -48,10 +48,9 @@ class VisionConfig:
 
     def validate(self) -> None:
         _check_divides("vision.num_heads", self.num_heads, "vision.hidden_size", self.hidden_size)
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"vision.image_size={self.image_size} is not a multiple of vision.patch_size={self.patch_size}"
-            )
+        # The patch conv is VALID: a remainder is dropped (SigLIP-so400m: 384 px = 27 patches of 14 + 6).
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision.image_size={self.image_size} is smaller than vision.patch_size={self.patch_size}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
             raise ValueError(
                 f"vision.select_layer={self.select_layer} is outside "
