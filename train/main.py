@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from train.optim import build_optimizer, optimizer_labels
 from train.recipe import (
     PREVIOUS_STAGE,
     WORKDIR_MARK,
+    ConfigError,
     model_config_from,
     runtime_data_config,
     stage_names,
+    trained_groups,
     validate_config,
 )
 from train.state import abstract_train_state, create_train_state
@@ -140,7 +143,7 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
 
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), index)
     params_shape = jax.eval_shape(lambda: init_params(model_config, rng, seq_len=stage.seq_len))
-    learning_rates = stage.learning_rates.to_dict()
+    learning_rates = trained_groups(stage)
     tx, schedules = build_optimizer(
         params_shape, learning_rates, total_steps, stage.warmup_ratio, stage.weight_decay,
         b1=stage.b1, b2=stage.b2, eps=stage.eps, max_grad_norm=stage.max_grad_norm,
@@ -217,7 +220,10 @@ def main(argv) -> None:
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as error:
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import ml_collections
 
 from train.data import default_data_config, validate_data_config
-from train.optim import ALWAYS_FROZEN, GROUPS
+from train.optim import ALWAYS_FROZEN, GROUPS, LEARNER_GROUPS
 from wings_jax.config import ModelConfig
 
 # Model fields that set how the model is computed, not what it is: a recipe's values for these
@@ -26,6 +26,7 @@ FROM_TOKENIZER = -1
 PREVIOUS_STAGE = "previous"
 WORKDIR_MARK = "{workdir}"
 STAGE_DATA_FIELDS = ("seq_len", "batch_size", "num_epochs")
+TRAINABLE_GROUPS = tuple(group for group in GROUPS if group not in ALWAYS_FROZEN)
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,13 @@ def stage_config(
     stage.grad_accum = 1  # micro-batches per step
     stage.num_steps = num_steps
     stage.num_epochs = 1
-    stage.learning_rates = dict(learning_rates)  # group -> peak lr; groups not named are frozen
+    # Peak learning rate of every trainable group; 0 freezes it (so --config.stageN.learning_rates.llm=1e-5
+    # can unfreeze a group from the command line). The vision tower is always frozen.
+    stage.learning_rates = {group: 0.0 for group in TRAINABLE_GROUPS}
+    unknown = sorted(set(learning_rates) - set(TRAINABLE_GROUPS))
+    if unknown:
+        raise ConfigError(f"learning_rates names {unknown}, not trainable groups; expected some of {TRAINABLE_GROUPS}")
+    stage.learning_rates.update(learning_rates)
     stage.warmup_ratio = 0.03
     stage.weight_decay = 0.0
     stage.b1 = 0.9
@@ -119,6 +126,11 @@ def parse_args(arg: str | None) -> dict[str, str]:
     return out
 
 
+def trained_groups(stage: ml_collections.ConfigDict) -> dict[str, float]:
+    """The groups a stage trains, with their peak learning rates."""
+    return {group: float(lr) for group, lr in stage.learning_rates.items() if lr > 0}
+
+
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
     return [name.strip() for name in config.stages.split(",") if name.strip()]
 
@@ -136,7 +148,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if name not in config:
             errors.append(f"stages: names {name!r}, which is not a sub-config of this config")
             continue
-        errors += [f"{name}.{e}" for e in _stage_errors(config[name], first=index == 0)]
+        errors += [f"{name}.{e}" for e in _stage_errors(config[name], index == 0, config.model.wings.enabled)]
     try:
         model_config_from(config, None)
     except (ValueError, TypeError) as error:
@@ -151,8 +163,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
 
 
-def _stage_errors(stage: ml_collections.ConfigDict, first: bool) -> list[str]:
+def _stage_errors(stage: ml_collections.ConfigDict, first: bool, wings_enabled: bool) -> list[str]:
     errors = []
+    absent = set(LEARNER_GROUPS) if not wings_enabled else {"router"} if stage.wings_stage == 1 else set()
+    for group in sorted(absent & set(trained_groups(stage))):
+        errors.append(f"learning_rates.{group}: the model has no {group} "
+                      f"({'wings.enabled=False' if not wings_enabled else 'Wings stage 1'}); set it to 0")
     if stage.wings_stage not in (1, 2):
         errors.append(f"wings_stage: {stage.wings_stage}, expected 1 or 2")
     if stage.init_from == PREVIOUS_STAGE and first:
@@ -169,14 +185,13 @@ def _stage_errors(stage: ml_collections.ConfigDict, first: bool) -> list[str]:
             errors.append(f"num_epochs: {stage.num_epochs}, expected >= 1 when num_steps=-1")
     elif stage.num_steps < 1:
         errors.append(f"num_steps: {stage.num_steps}, expected >= 1 (or -1 for num_epochs passes over the data)")
-    if not stage.learning_rates:
-        errors.append("learning_rates: empty; a stage must train at least one group")
-    trainable = [g for g in GROUPS if g not in ALWAYS_FROZEN]
     for group, lr in stage.learning_rates.items():
-        if group not in trainable:
-            errors.append(f"learning_rates.{group}: not a trainable group; expected some of {trainable}")
-        elif not lr > 0:
-            errors.append(f"learning_rates.{group}: {lr}, expected > 0")
+        if group not in TRAINABLE_GROUPS:
+            errors.append(f"learning_rates.{group}: not a trainable group; expected some of {TRAINABLE_GROUPS}")
+        elif not lr >= 0:
+            errors.append(f"learning_rates.{group}: {lr}, expected >= 0 (0: frozen)")
+    if not trained_groups(stage):
+        errors.append("learning_rates: all 0; a stage must train at least one group")
     if not 0 <= stage.warmup_ratio <= 1:
         errors.append(f"warmup_ratio: {stage.warmup_ratio}, expected in [0, 1]")
     if stage.weight_decay < 0:
@@ -184,11 +199,14 @@ def _stage_errors(stage: ml_collections.ConfigDict, first: bool) -> list[str]:
     for key in STAGE_DATA_FIELDS:
         if key in stage.data:
             errors.append(f"data.{key}: set by the stage ({'stage.' + key if key != 'num_epochs' else 'num_steps'})")
-    if not errors:
-        try:
-            validate_data_config(runtime_data_config(stage, WORKDIR_MARK))
-        except ValueError as error:
-            errors.append(str(error))
+    try:
+        validate_data_config(runtime_data_config(stage, WORKDIR_MARK))
+    except ValueError as error:
+        errors.append(str(error))
+    for index, source in enumerate(stage.data.sources):
+        path = source.get("path", "")
+        if path and source.get("kind") != "tfds" and WORKDIR_MARK not in path and not os.path.isfile(path):
+            errors.append(f"data.sources[{index}].path: {path!r} is not a file")
     return errors
 
 
@@ -212,3 +230,52 @@ def model_config_from(config: ml_collections.ConfigDict, stage_name: str | None,
         wings = dataclasses.replace(model.wings, system_prompt_length=values["system_prompt_length"])
         model = model.replace(wings=wings)
     return model.validate()
+
+
+# The released recipe (spec section 4) per stage: trained groups and learning rates, global batch,
+# gradient accumulation (8 devices x per-device batch x accumulation) and weight decay.
+RELEASED_STAGES = {
+    1: dict(learning_rates={"projector": 2e-5, "visual_learner": 2e-5}, batch_size=256, grad_accum=4,
+            weight_decay=1e-9),
+    2: dict(learning_rates={"projector": 1e-5, "visual_learner": 1e-5, "textual_learner": 1e-5, "router": 1e-5,
+                            "llm": 2e-6},
+            batch_size=64, grad_accum=2, weight_decay=1e-8),
+}
+# The LLaVA-1.5 baseline: the projector alone, then projector + LLM.
+LLAVA_STAGES = {
+    1: dict(learning_rates={"projector": 1e-3}, batch_size=256, grad_accum=4, weight_decay=0.0),
+    2: dict(learning_rates={"projector": 2e-5, "llm": 2e-5}, batch_size=128, grad_accum=4, weight_decay=0.0),
+}
+RECIPE_ARGS = ("data", "images", "tokenizer", "init_from")
+
+
+def released_recipe(arg: str | None, text_preset: str, template: str, wings_stage: int,
+                    wings_enabled: bool = True) -> ml_collections.ConfigDict:
+    """One stage of a full-size recipe: SigLIP-so400m + ``text_preset``, bf16 compute with float32
+    parameters, full remat, sequences of 2048, one epoch, warmup 3 % + cosine, clipping at 1.0.
+
+    ``arg`` (after ':' in ``--config``): ``data=<LLaVA JSON/JSONL>,images=<image root>,
+    tokenizer=<HF tokenizer dir>,init_from=<converted checkpoint or stage-1 run directory>``.
+    """
+    from wings_jax.presets import wings_model
+
+    args = parse_args(arg)
+    unknown = sorted(set(args) - set(RECIPE_ARGS))
+    if unknown:
+        raise ConfigError(f"unknown recipe arguments {unknown}; expected some of {list(RECIPE_ARGS)}")
+    model = wings_model(text_preset, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    model = model.replace(wings=dataclasses.replace(model.wings, enabled=wings_enabled,
+                                                    system_prompt_length=FROM_TOKENIZER))
+    config = base_config(model)
+    config.tokenizer = args.get("tokenizer", "")
+    config.init_from = args.get("init_from", "")
+    name = f"stage{wings_stage}"
+    config.stages = name
+    path = args.get("data", "")
+    kind = "jsonl" if path.endswith(".jsonl") else "json"
+    source = {"path": path, "kind": kind, "image_root": args.get("images", "")}
+    settings = (RELEASED_STAGES if wings_enabled else LLAVA_STAGES)[wings_stage]
+    config[name] = stage_config(wings_stage=wings_stage, data=data_config([source], template=template),
+                                seq_len=2048, num_steps=-1, num_epochs=1, warmup_ratio=0.03, max_grad_norm=1.0,
+                                save_every=1000, **settings)
+    return config
