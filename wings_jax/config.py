@@ -11,9 +11,9 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-ATTENTION_BACKENDS = ("xla", "auto")
+ATTENTION_BACKENDS = ("xla", "flash", "cudnn", "auto")
 MASK_MODES = ("causal", "reference")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ARCHITECTURES = ("qwen2", "llama")
@@ -97,7 +97,7 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     # llama3 scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}; stored as a sorted tuple of items to stay hashable.
-    rope_scaling: Optional[tuple] = None
+    rope_scaling: tuple | None = None
     attention_bias: bool = True
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
@@ -107,7 +107,7 @@ class TextConfig:
         return self.hidden_size // self.num_heads
 
     @property
-    def rope_scaling_dict(self) -> Optional[dict]:
+    def rope_scaling_dict(self) -> dict | None:
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
 
     def validate(self) -> None:
@@ -135,7 +135,7 @@ class WingsConfig:
     enabled: bool = True  # False: a plain LLaVA model (the paper's baseline)
     stage: int = 1  # 1: visual learners only, no router; 2: both learners and the router
     lora_dim: int = 64
-    learner_layers: Optional[tuple] = None  # None: every decoder layer
+    learner_layers: tuple | None = None  # None: every decoder layer
     system_prompt_length: int = 14
     mask_mode: str = "causal"
     router_positions: int = 4096  # columns of the router weight: the longest key length it can route
@@ -180,7 +180,7 @@ class ModelConfig:
     def image_tokens(self) -> int:
         return self.vision.num_patches
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         self.vision.validate()
         self.projector.validate()
         self.text.validate()
@@ -206,7 +206,7 @@ class ModelConfig:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         return self
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -218,7 +218,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -236,7 +236,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
