@@ -54,6 +54,14 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def file_index(self, name: str) -> int:
+        """Which of ``files`` holds ``name``."""
+        return self._where[name]
+
+    def release(self, file_index: int) -> None:
+        """Unmap one file whose tensors have all been read: its pages otherwise stay resident."""
+        self._handles[file_index] = None
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handles[self._where[name]].shape(name)
 

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
@@ -120,14 +121,20 @@ def _place(flat: dict[str, np.ndarray], spec: TensorSpec, array: np.ndarray) -> 
 
 def read_params(specs: list[TensorSpec], source: TensorSource, flat: dict[str, np.ndarray],
                 dtype: np.dtype | None) -> None:
-    """Read ``specs``' tensors one at a time from ``source`` into ``flat`` (param path -> array)."""
+    """Read ``specs``' tensors one at a time from ``source`` into ``flat`` (param path -> array), file by
+    file, unmapping each file once read so that its pages do not stay resident beside the params."""
     total = sum(source.nbytes(spec.torch_name) for spec in specs)
+    ordered = sorted(specs, key=lambda spec: source.file_index(spec.torch_name))
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading tensors") as bar:
-        for count, spec in enumerate(specs, 1):
+        for count, spec in enumerate(ordered, 1):
+            nbytes = source.nbytes(spec.torch_name)
             array = spec.hook.to_jax(source.get(spec.torch_name))
             _place(flat, spec, array if dtype is None else array.astype(dtype))
-            bar.update(source.nbytes(spec.torch_name))
-            bar.set_postfix(tensors=f"{count}/{len(specs)}")
+            file_index = source.file_index(spec.torch_name)
+            if count == len(ordered) or source.file_index(ordered[count].torch_name) != file_index:
+                source.release(file_index)
+            bar.update(nbytes)
+            bar.set_postfix(tensors=f"{count}/{len(ordered)}")
 
 
 def _truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
@@ -163,6 +170,10 @@ def _save(flat: dict[str, np.ndarray], config: ModelConfig, torch_config: dict, 
     """The writer for ``write_atomically``: params, wings config, and the torch config for the export."""
 
     def fill(directory: Path) -> None:
+        # Orbax copies numpy leaves about twice while saving but jax arrays once: hand it jax arrays,
+        # replacing each numpy leaf in turn so that only one extra leaf exists at a time.
+        for path in flat:
+            flat[path] = jax.device_put(flat[path])
         save_params(directory, traverse_util.unflatten_dict(flat, sep="/"), config)
         (directory / TORCH_CONFIG_FILE).write_text(json.dumps(torch_config, indent=2) + "\n")
 
