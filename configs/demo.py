@@ -36,6 +36,7 @@ def get_config(arg=None):
     config.demo.data_seed = 0
     config.demo.max_new_tokens = 6
     config.demo.examples = 6  # generated answers printed
+    config.demo.report = True  # False: train only (no loss table, evaluation or examples)
 
     common = dict(seq_len=80, warmup_ratio=0.05, weight_decay=0.0, save_every=100, keep_checkpoints=2)
     config.stage1 = stage_config(

@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> list[StageRes
     for index, name in enumerate(stage_names(config)):
         previous = results[-1].directory / CHECKPOINT_DIR if results else None
         results.append(train_stage(config, name, index, workdir, tokenizer, previous))
-    if "demo" in config:
+    if "demo" in config and config.demo.report:
         from train.demo import report_demo
 
         report_demo(config, workdir, tokenizer, results)
