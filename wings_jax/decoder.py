@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.config import ModelConfig
+from wings_jax.kv_cache import CACHE, cached_keys_values
 from wings_jax.lorra import LearnerSource, LoRRA, Router
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
 from wings_jax.rope import apply_rope, inverse_frequencies
@@ -43,18 +44,21 @@ class LayerInputs(NamedTuple):
 
     positions: jnp.ndarray  # (B, L) RoPE positions
     mask: MaskSpec  # the main causal + padding mask
-    visual: Optional[LearnerSource] = None
-    textual: Optional[LearnerSource] = None
-    visual_weight: Optional[jnp.ndarray] = None  # (B,) multiplier of the visual term
+    visual: LearnerSource | None = None
+    textual: LearnerSource | None = None
+    visual_weight: jnp.ndarray | None = None  # (B,) multiplier of the visual term
     textual_weight: float = 1.0
-    laws_channels: Optional[jnp.ndarray] = None  # (B, L, 3) segment indicators for MLLM-Laws
+    laws_channels: jnp.ndarray | None = None  # (B, L, 3) segment indicators for MLLM-Laws
+    # KV-cache decoding: the cache slots (B, L) that these tokens' keys/values are written to; ``mask``
+    # then indexes cache slots (``wings_jax.kv_cache``)
+    cache_slots: jnp.ndarray | None = None
 
 
 class SelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, extra_values=None):
+    def __call__(self, x, positions, mask, extra_values=None, cache_slots=None):
         text = self.config.text
         dtype, param_dtype = jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
         hd, batch, seq_len = text.head_dim, x.shape[0], x.shape[1]
@@ -67,6 +71,8 @@ class SelfAttention(nn.Module):
         v = v.reshape(batch, seq_len, text.num_kv_heads, hd)
         inv_freq = inverse_frequencies(hd, text.rope_theta, text.rope_scaling_dict)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache_slots is not None:
+            k, v = cached_keys_values(self, k, v, cache_slots, mask.kv_index.shape[1])
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         out, extra = attention(q, k, v, mask, extra_values, backend=self.config.attention_backend)
         out = checkpoint_name(out.reshape(batch, seq_len, text.num_heads * hd), ATTENTION_OUTPUT)
@@ -116,7 +122,8 @@ class DecoderLayer(nn.Module):
         extra_values = jnp.concatenate(channels, axis=-1) if channels else None
 
         normed = RMSNorm(text.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(x)
-        attn_out, extra = SelfAttention(config, name="self_attn")(normed, inputs.positions, inputs.mask, extra_values)
+        attn_out, extra = SelfAttention(config, name="self_attn")(normed, inputs.positions, inputs.mask, extra_values,
+                                                             inputs.cache_slots)
         hidden = x + attn_out
         if self.has_learners:
             hidden = hidden + self._learners(hidden, inputs, router, extra)
@@ -128,7 +135,7 @@ class DecoderLayer(nn.Module):
             laws = jnp.einsum("bqc,bq->bc", extra[..., -3:], valid_queries) / text.num_heads
         return hidden, laws
 
-    def _learners(self, h1, inputs: LayerInputs, router: Optional[Router], extra) -> jnp.ndarray:
+    def _learners(self, h1, inputs: LayerInputs, router: Router | None, extra) -> jnp.ndarray:
         config, text = self.config, self.config.text
         make = lambda name: LoRRA(
             text.hidden_size, text.num_heads, config.wings.lora_dim, text.rope_theta,
@@ -188,7 +195,7 @@ class Decoder(nn.Module):
         layer_cls = maybe_remat(DecoderLayer, self.config.remat_policy, scanned=self.config.scan_layers)
         if self.config.scan_layers:
             scanned = nn.scan(
-                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                layer_cls, variable_axes={"params": 0, CACHE: 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
                 length=text.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )
             self.layers = scanned(self.config, has_learners=self.config.wings.enabled, **flags)

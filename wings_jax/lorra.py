@@ -8,25 +8,31 @@ PyTorch implementation computes, one image per sample, quirks included).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from wings_jax.attention import MaskSpec, attention
+from wings_jax.kv_cache import cached_keys_values
 from wings_jax.rope import apply_rope, inverse_frequencies
 
 
 class LearnerSource(NamedTuple):
-    """What one learner attends to: the same at every layer."""
+    """What one learner attends to: the same at every layer.
 
-    values: jnp.ndarray  # (B, S, d) source vectors (image features or input embeddings)
-    positions: jnp.ndarray  # (B, S) RoPE positions of the keys
+    KV-cache decoding: with ``cache_slots`` the keys/values of ``values`` are written to the learner's
+    cache at those slots and ``mask`` indexes cache slots; ``values=None`` reads the cache unchanged.
+    """
+
+    values: jnp.ndarray | None  # (B, S, d) source vectors (image features or input embeddings)
+    positions: jnp.ndarray | None  # (B, S) RoPE positions of the keys
     mask: MaskSpec
     # reference mode only: query rows that attend uniformly to every existing key, and which keys exist
-    uniform_rows: Optional[jnp.ndarray] = None  # (B, L) bool
-    key_exists: Optional[jnp.ndarray] = None  # (B, S) bool
+    uniform_rows: jnp.ndarray | None = None  # (B, L) bool
+    key_exists: jnp.ndarray | None = None  # (B, S) bool
+    cache_slots: jnp.ndarray | None = None  # (B, S) int
 
 
 class LoRRA(nn.Module):
@@ -56,12 +62,16 @@ class LoRRA(nn.Module):
         batch, q_len, _ = query.shape
         head_dim = self.hidden_size // self.num_heads
         inv_freq = inverse_frequencies(head_dim, self.rope_theta)  # plain RoPE, never scaled
-        src = source.values.astype(self.dtype)
         q = (query + self._low_rank("q", query)).reshape(batch, q_len, self.num_heads, head_dim)
-        k = (src + self._low_rank("k", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
-        v = (src + self._low_rank("v", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
         q = apply_rope(q, query_positions, inv_freq)
-        k = apply_rope(k, source.positions, inv_freq)
+        k = v = None
+        if source.values is not None:
+            src = source.values.astype(self.dtype)
+            k = (src + self._low_rank("k", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
+            v = (src + self._low_rank("v", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
+            k = apply_rope(k, source.positions, inv_freq)
+        if source.values is None or source.cache_slots is not None:
+            k, v = cached_keys_values(self, k, v, source.cache_slots, source.mask.kv_index.shape[1])
         out, _ = attention(q, k, v, source.mask, backend=self.backend)
         if source.uniform_rows is not None:
             # Reference quirk: these rows' mask is the most negative float on every key, so their

@@ -15,7 +15,9 @@ import numpy as np
 from wings_jax.attention import MaskSpec
 from wings_jax.config import IGNORE_INDEX, ModelConfig
 from wings_jax.decoder import Decoder, LayerInputs
+from wings_jax.kv_cache import DecodeState
 from wings_jax.lorra import (
+    LearnerSource,
     merge_image_features,
     reference_visual_multiplier,
     textual_source_causal,
@@ -26,23 +28,32 @@ from wings_jax.lorra import (
 from wings_jax.projector import Projector
 from wings_jax.vision import SiglipVisionTower
 
-MODES = ("loss", "logits", "hidden", "laws", "image_features")
+MODES = ("loss", "logits", "last_logits", "hidden", "laws", "image_features", "prefill", "decode")
 
 
 class WingsModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, batch: dict, mode: str = "loss"):
+    def __call__(self, batch: dict, mode: str = "loss", cache_length: int = 0):
         """mode 'loss': {'loss', 'loss_sum', 'num_tokens'}; 'logits': float32 (B, L, V);
         'hidden': final normed hidden states (B, L, d); 'laws': per-layer attention mass on the
         (before-image, image, after-image) key segments, (B, n_layers, 3); 'image_features': the
-        projected features (B, M * N, d) of ``pixel_values`` (the batch needs nothing else)."""
+        projected features (B, M * N, d) of ``pixel_values`` (the batch needs nothing else);
+        'last_logits': float32 (B, V) at each row's last real token; 'prefill' and 'decode': KV-cache
+        decoding, see ``prefill`` and ``decode_step``."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         config = self.config
         if mode == "image_features":
             return self._image_features(batch["pixel_values"], batch["image_valid"])
+        if mode in ("prefill", "decode") and config.wings.mask_mode != "causal":
+            raise ValueError(
+                f"KV-cache decoding needs wings.mask_mode='causal', not {config.wings.mask_mode!r}: reference-mode "
+                "learner keys depend on the whole sequence (generate by full recomputation instead)"
+            )
+        if mode == "decode":
+            return self._decode(batch["input_ids"], batch["decode_state"])
         has_pixels = batch.get("pixel_values") is not None
         flags = self._learner_flags(has_pixels)
         decoder = Decoder(config, collect_laws=mode == "laws", name="decoder", **flags)
@@ -54,19 +65,36 @@ class WingsModel(nn.Module):
             features = self._image_features(batch["pixel_values"], batch["image_valid"])
             embeds = merge_image_features(embeds, features, image_mask)
         inputs = self._layer_inputs(batch, embeds, features, flags, with_laws=mode == "laws")
+        if mode == "prefill":
+            inputs, state = _prefill_inputs(inputs, batch, cache_length, config.wings.system_prompt_length)
         hidden, laws = decoder(embeds, inputs)
+        if mode in ("prefill", "last_logits"):
+            lengths = batch["attention_mask"].astype(jnp.int32).sum(axis=1)
+            logits = self._head_logits(decoder, hidden[jnp.arange(hidden.shape[0]), lengths - 1])
+            return (logits, state) if mode == "prefill" else logits
         if mode == "hidden":
             return hidden
         if mode == "laws":
             return jnp.transpose(laws, (1, 0, 2))
-        head = decoder.head_weight().astype(hidden.dtype)
         if mode == "logits":
-            return jnp.einsum("bld,dv->blv", hidden, head).astype(jnp.float32)
+            return self._head_logits(decoder, hidden)
+        head = decoder.head_weight().astype(hidden.dtype)
         loss_sum, num_tokens = chunked_cross_entropy(hidden, head, batch["labels"], config.loss_chunk_size)
         return {"loss": loss_sum / jnp.maximum(num_tokens, 1), "loss_sum": loss_sum, "num_tokens": num_tokens}
 
     def logits(self, batch: dict) -> jnp.ndarray:
         return self(batch, mode="logits")
+
+    def prefill(self, batch: dict, cache_length: int) -> tuple[jnp.ndarray, DecodeState]:
+        """Run right-padded prompts (the batch format, L <= ``cache_length``) and fill the ``cache``
+        collection (apply with ``mutable=["cache"]``) with ``cache_length`` slots; returns the float32
+        logits (B, V) of each prompt's last token and the ``DecodeState``. Causal mask mode only."""
+        return self(batch, mode="prefill", cache_length=cache_length)
+
+    def decode_step(self, tokens: jnp.ndarray, state: DecodeState) -> tuple[jnp.ndarray, DecodeState]:
+        """Append one token per row (B,) at slot ``state.lengths`` using and updating the cache; returns its
+        float32 next-token logits (B, V) and the new state."""
+        return self({"input_ids": tokens, "decode_state": state}, mode="decode")
 
     def laws(self, batch: dict) -> jnp.ndarray:
         return self(batch, mode="laws")
@@ -87,6 +115,33 @@ class WingsModel(nn.Module):
         projected = Projector(config.projector, config.text.hidden_size, dtype=dtype, param_dtype=param_dtype,
                               name="projector")(features)
         return projected.reshape(batch, slots * config.image_tokens, -1)
+
+    def _head_logits(self, decoder: Decoder, hidden: jnp.ndarray) -> jnp.ndarray:
+        head = decoder.head_weight().astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, head).astype(jnp.float32)
+
+    def _decode(self, tokens: jnp.ndarray, state: DecodeState):
+        """One decoding step over the cache (see ``decode_step``); the new tokens are text."""
+        flags = self._learner_flags(has_pixels=state.visual_index is not None)
+        decoder = Decoder(self.config, name="decoder", **flags)
+        rows, slots = jnp.arange(tokens.shape[0]), state.lengths[:, None]  # slot == position
+        embeds = decoder.embed(tokens[:, None])
+        kv_valid = state.kv_valid.at[rows, state.lengths].set(True)
+        is_key = state.lengths >= self.config.wings.system_prompt_length  # text past the system prompt
+        text_valid = state.text_valid.at[rows, state.lengths].set(is_key)
+        cache_index = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
+        inputs = LayerInputs(positions=slots, mask=MaskSpec(slots, cache_index, kv_valid, causal=True),
+                             cache_slots=slots)
+        if flags["use_visual"]:
+            visual_mask = MaskSpec(slots, state.visual_index, state.visual_valid, causal=True)
+            inputs = inputs._replace(visual=LearnerSource(None, None, visual_mask),
+                                     visual_weight=jnp.ones(tokens.shape, jnp.float32))
+        if flags["use_textual"]:
+            text_mask = MaskSpec(slots, cache_index, text_valid, causal=True)
+            inputs = inputs._replace(textual=LearnerSource(embeds, slots, text_mask, cache_slots=slots))
+        hidden, _ = decoder(embeds, inputs)
+        state = state._replace(lengths=state.lengths + 1, kv_valid=kv_valid, text_valid=text_valid)
+        return self._head_logits(decoder, hidden[:, 0]), state
 
     def _learner_flags(self, has_pixels: bool) -> dict:
         wings = self.config.wings
@@ -134,6 +189,33 @@ class WingsModel(nn.Module):
                 multiplier = reference_visual_multiplier(pad, image_mask.shape[1], config.image_tokens)
                 inputs = inputs._replace(visual_weight=multiplier, textual_weight=2.0)
         return inputs
+
+
+def _prefill_inputs(inputs: LayerInputs, batch: dict, cache_length: int, system_prompt_length: int):
+    """Turn full-sequence layer inputs into cache-writing ones: every mask indexes ``cache_length`` slots
+    (only the prompt's are valid) and the prompt's keys/values go to the caches. Returns them and the
+    initial ``DecodeState``."""
+    attention_mask = batch["attention_mask"].astype(bool)
+    batch_size, seq_len = attention_mask.shape
+    if seq_len > cache_length:
+        raise ValueError(f"prompt batch length {seq_len} exceeds cache_length={cache_length}")
+    widen = lambda valid: jnp.pad(valid, ((0, 0), (0, cache_length - seq_len)))
+    cache_index = jnp.broadcast_to(jnp.arange(cache_length), (batch_size, cache_length))
+    query_index = inputs.mask.q_index
+    kv_valid = widen(attention_mask)
+    text_valid = widen(attention_mask & ~batch["image_mask"].astype(bool)
+                       & (batch["positions"] >= system_prompt_length))
+    inputs = inputs._replace(mask=MaskSpec(query_index, cache_index, kv_valid, causal=True), cache_slots=query_index)
+    state = DecodeState(lengths=attention_mask.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid, text_valid=text_valid)
+    if inputs.textual is not None:
+        text_mask = MaskSpec(query_index, cache_index, text_valid, causal=True)
+        inputs = inputs._replace(textual=inputs.textual._replace(mask=text_mask, cache_slots=query_index))
+    if inputs.visual is not None:
+        visual = inputs.visual
+        feature_slots = jnp.broadcast_to(jnp.arange(visual.values.shape[1]), visual.mask.kv_index.shape)
+        inputs = inputs._replace(visual=visual._replace(cache_slots=feature_slots))
+        state = state._replace(visual_index=visual.mask.kv_index, visual_valid=visual.mask.kv_valid)
+    return inputs, state
 
 
 def segment_indicators(image_mask: jnp.ndarray, attention_mask: jnp.ndarray) -> jnp.ndarray:
