@@ -55,8 +55,12 @@ def create_train_state(
     rng: jax.Array,
     seq_len: int,
     loaded_params: Mapping | None = None,
+    state_sharding: Any = None,
 ) -> TrainState:
     """Initialise the model (overlaid with ``loaded_params``) and the optimizer, in one jitted call.
+
+    ``state_sharding`` (a TrainState of shardings, ``sharding.Partitioner.state_shardings``): the
+    state is created directly sharded, so no device ever holds all of it.
 
     Fresh values that the loaded ones replace are dead code that XLA removes, so loading a large
     checkpoint never materialises a second random copy of it.
@@ -74,7 +78,7 @@ def create_train_state(
                                  loaded_params)
         if added:
             logging.info("initialising %d parameters the loaded ones lack, e.g. %s", len(added), added[:4])
-    return jax.jit(init)(rng, loaded_params)
+    return jax.jit(init, **({} if state_sharding is None else {"out_shardings": state_sharding}))(rng, loaded_params)
 
 
 def abstract_train_state(

@@ -28,6 +28,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     labels: Mapping,
     grad_accum: int = 1,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """A jitted ``step(state, batch) -> (state, metrics)``.
 
@@ -35,7 +37,8 @@ def make_train_step(
     ``grad_accum`` micro-batches give the same update as one step on the whole batch. Frozen
     parameters (label ``frozen``) are passed around the differentiation, so no gradient is computed
     for them, and are returned untouched (bit for bit). ``metrics``: loss, grad_norm (before
-    clipping), num_tokens (label tokens).
+    clipping), num_tokens (label tokens). With ``state_sharding`` and ``batch_sharding`` (see
+    ``sharding.Partitioner``) the step keeps the state's layout and returns replicated metrics.
     """
 
     def loss_sum(trainable, frozen, micro_batch):
@@ -73,4 +76,7 @@ def make_train_step(
         metrics = {"loss": total / denominator, "grad_norm": optax.tree.norm(grads), "num_tokens": tokens}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    shardings = {}
+    if state_sharding is not None:
+        shardings = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, None)}
+    return jax.jit(step, donate_argnums=(0,), **shardings)
