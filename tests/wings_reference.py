@@ -73,12 +73,13 @@ def _gqa_attention(p, x, positions, visible, text):
     return out @ p["o_proj"]["kernel"], probs
 
 
-def forward_logits(params, config: ModelConfig, batch: dict, features=None, errors=()) -> np.ndarray:
+def forward_logits(params, config: ModelConfig, batch: dict, features=None, errors=(), attention_probs=None):
     """Logits (B, L, V) in float64. ``params`` unscanned; ``features`` (B, M*N, d) projected image
     features (None: no image passed at all). ``errors``: deliberate mistakes, e.g. 'shift_key_position',
-    'drop_mask', 'visual_once', 'no_router'."""
+    'drop_mask', 'visual_once', 'no_router'. ``attention_probs``: a list that receives each layer's main
+    attention probabilities (B, H, L, L)."""
     params = _to_numpy(params)
-    text, wings = config.text, config.wings
+    text = config.text
     n_tokens = config.image_tokens
     ids = np.asarray(batch["input_ids"])
     image_mask = np.asarray(batch["image_mask"], bool)
@@ -100,21 +101,32 @@ def forward_logits(params, config: ModelConfig, batch: dict, features=None, erro
     x = x0.copy()
     for layer in range(text.num_layers):
         p = dec[f"layers_{layer}"]
+        layer_probs = np.zeros((n_batch, text.num_heads, seq_len, seq_len))
         for b in range(n_batch):
             visible = causal & attn[b][None]
             if "drop_mask" in errors:
                 visible = np.ones_like(visible)
             h = _rms(x[b], p["input_layernorm"]["scale"], text.rms_norm_eps)
             attn_out, probs = _gqa_attention(p["self_attn"], h, positions[b], visible, text)
+            layer_probs[b] = probs
             h1 = x[b] + attn_out
             h2 = h1 + _learner_update(p, h1, probs, sources[b], multipliers[b], config, positions[b], errors)
             h = _rms(h2, p["post_attention_layernorm"]["scale"], text.rms_norm_eps)
             mlp = p["mlp"]
             gate, up = h @ mlp["gate_proj"]["kernel"], h @ mlp["up_proj"]["kernel"]
             x[b] = h2 + (_silu(gate) * up) @ mlp["down_proj"]["kernel"]
+        if attention_probs is not None:
+            attention_probs.append(layer_probs)
     x = _rms(x, dec["norm"]["scale"], text.rms_norm_eps)
     head = dec["embed_tokens"]["embedding"].T if text.tie_word_embeddings else dec["lm_head"]["kernel"]
     return x @ head
+
+
+def forward_attention_probs(params, config: ModelConfig, batch: dict, features=None) -> np.ndarray:
+    """Every layer's main attention probabilities, float64 (n_layers, B, H, L, L)."""
+    probs = []
+    forward_logits(params, config, batch, features, attention_probs=probs)
+    return np.stack(probs)
 
 
 def _sources(b, config, x0, features, image_mask, attn, positions, image_valid, errors):
