@@ -10,35 +10,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from sharp_weights import sharpen
+from wings_reference import forward_logits
 
 from wings_jax.batch import IMAGE_PLACEHOLDER, Sample, pack_batch
 from wings_jax.model import WingsModel, init_params
 from wings_jax.presets import tiny_model
-from wings_reference import forward_logits
 
 TOLERANCE = 1e-5
-KERNEL_GAIN = 0.7  # sharp, yet fp32 rounding stays well under the tolerance
-
-
-def sharpen(params, seed=0):
-    """Random O(1)-activation weights for every leaf (see module docstring)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, value):
-        names = [getattr(k, "key", str(k)) for k in path]
-        shape = np.shape(value)
-        if names[-1] == "scale":
-            return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-        if names[-1] == "bias":
-            return (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        if "router" in names:
-            return (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        if names[-1] == "embedding":
-            return rng.standard_normal(shape).astype(np.float32)
-        fan_in = shape[-2] if len(shape) >= 2 else 1
-        return (KERNEL_GAIN * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def config_for(mode, stage, max_images=1, **text_overrides):

@@ -16,8 +16,8 @@ Samples arrive as token ids in which ``IMAGE_PLACEHOLDER`` stands for one image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -47,7 +47,9 @@ def expand_sample(sample: Sample, image_tokens: int) -> tuple[np.ndarray, np.nda
     ids = np.asarray(sample.token_ids, dtype=np.int64)
     labels = np.full(ids.shape, IGNORE_INDEX, np.int64) if sample.labels is None else np.asarray(sample.labels)
     if labels.shape != ids.shape:
-        raise ValueError(f"{sample.source or 'sample'}: labels length {labels.shape[0]} != token_ids length {ids.shape[0]}")
+        raise ValueError(
+            f"{sample.source or 'sample'}: labels length {labels.shape[0]} != token_ids length {ids.shape[0]}"
+        )
     is_image = ids == IMAGE_PLACEHOLDER
     n_images = int(is_image.sum())
     if n_images != len(sample.images):
