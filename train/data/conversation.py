@@ -159,9 +159,15 @@ class ConversationTokenizer:
         the model's ``wings.system_prompt_length`` must have."""
         return len(self._encode(self.template.system.format(self.system_prompt)))
 
-    def __call__(self, conversations: Sequence[dict], has_image: bool) -> tuple[list[int], list[int]]:
-        """Validated, mark-normalised conversation -> (ids, labels) of equal length."""
-        turns = normalise_image_marks(check_conversations(conversations), has_image)
+    def __call__(self, conversations: Sequence[dict], has_image: bool,
+                 normalise_marks: bool = True) -> tuple[list[int], list[int]]:
+        """Validated, mark-normalised conversation -> (ids, labels) of equal length.
+
+        ``normalise_marks=False`` keeps every ``<image>`` mark where it is (multi-image prompts at inference).
+        """
+        turns = check_conversations(conversations)
+        if normalise_marks:
+            turns = normalise_image_marks(turns, has_image)
         ids: list[int] = []
         labels: list[int] = []
         for text, labelled in render_pieces(turns, self.template, self.system_prompt):
