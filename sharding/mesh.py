@@ -86,7 +86,7 @@ def make_mesh(
 
     Without ``dcn`` the device order comes from ``jax.make_mesh`` (physical topology on TPU/GPU).
     With it, ``mesh_utils.create_hybrid_device_mesh`` places each ``dcn`` step on another slice
-    (TPU ``slice_index``) or, where devices have no slice, another process.
+    (TPU ``slice_index``) or, on other platforms, another process.
     """
     devices = list(jax.devices() if devices is None else devices)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
@@ -100,16 +100,21 @@ def make_mesh(
         ici_sizes = resolve_mesh_shape(spec, len(devices) // granules, what="devices per slice")
         array = mesh_utils.create_hybrid_device_mesh(
             tuple(ici_sizes.values()), tuple(dcn_sizes.values()), devices,
-            process_is_granule=not hasattr(devices[0], "slice_index"), allow_split_physical_axes=True,
+            process_is_granule=_granule_key(devices) == "process_index", allow_split_physical_axes=True,
         )
         mesh = Mesh(array, MESH_AXES, axis_types=axis_types)
     logger.info("mesh %s over %d devices", describe(dict(mesh.shape)), len(devices))
     return mesh
 
 
+def _granule_key(devices: Sequence[jax.Device]) -> str:
+    """TPU slices are DCN granules; on other platforms each process is one."""
+    return "slice_index" if devices[0].platform == "tpu" else "process_index"
+
+
 def _granule_count(devices: Sequence[jax.Device]) -> int:
     """Slices (TPU) or processes (elsewhere) among ``devices``, each holding the same number of devices."""
-    key = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    key = _granule_key(devices)
     counts = np.unique([getattr(d, key) for d in devices], return_counts=True)[1]
     if len(set(counts)) != 1:
         raise ShardingError(f"devices are spread unevenly over {key} values: {counts.tolist()} devices each")

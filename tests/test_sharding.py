@@ -11,6 +11,7 @@ from flax import traverse_util
 from sharding_setup import GLOBAL_BATCH, MESHES, SEQ_LEN, batches, model_config, optimizer
 
 from sharding import DEFAULT_RULES, Partitioner, ShardingError, make_mesh
+from sharding.plan import plan
 from sharding.specs import check_model
 from train import checkpointing
 from train.state import abstract_train_state, create_train_state
@@ -168,3 +169,20 @@ def test_global_batch_must_divide_data_times_fsdp(setup):
         partitioner.check(config, global_batch=6)
     with pytest.raises(ShardingError, match=r"global batch 8 / grad_accum 4 = micro-batches of 2 rows"):
         partitioner.check(config, global_batch=8, grad_accum=4)
+
+
+def test_planner_bytes_match_the_bytes_placed_on_devices(setup, reference):
+    """The planner's per-device parameter and optimizer-state bytes vs. the shards on each device (10 %)."""
+    config, tx, labels, _ = setup
+    mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+    partitioner = Partitioner.from_config({"mesh": mesh})
+    abstract = abstract_train_state(config, tx, jax.random.PRNGKey(0), SEQ_LEN)
+    state = jax.device_put(reference[0], partitioner.state_shardings(config, abstract))
+    planned = plan(config, mesh, tx, labels, GLOBAL_BATCH, SEQ_LEN)
+    for device in jax.devices():
+        for planned_bytes, tree in ((planned.params, state.params), (planned.opt_state, state.opt_state)):
+            placed = sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+                         for shard in leaf.addressable_shards if shard.device == device)
+            assert abs(planned_bytes - placed) <= 0.1 * placed, (device, planned_bytes, placed)
+    # Frozen groups hold no optimizer state: Adam's two moments cover the trained parameters only.
+    assert planned.opt_state < 2 * planned.params
