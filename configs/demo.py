@@ -49,14 +49,14 @@ def get_config(arg=None):
     )
     config.stage2 = stage_config(
         wings_stage=2,
-        learning_rates={"projector": 3e-3, "visual_learner": 3e-3, "textual_learner": 3e-3, "router": 3e-3,
-                        "llm": 3e-3},
+        learning_rates={"projector": 5e-3, "visual_learner": 5e-3, "textual_learner": 5e-3, "router": 5e-3,
+                        "llm": 5e-3},
         data=data_config([
             {"path": f"{DATA}/stage2_train.jsonl", "kind": "jsonl", "image_root": f"{DATA}/images", "weight": 3.0},
             {"path": f"{DATA}/text_train.jsonl", "kind": "jsonl", "weight": 1.0},
         ]),
         batch_size=32,
-        num_steps=240,
+        num_steps=300,
         **common,
     )
     config.stage2.init_from = PREVIOUS_STAGE

@@ -17,11 +17,10 @@ STATE_ITEM = "state"
 DATA_ITEM = "data"
 
 
-def make_manager(directory: str | Path, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    """A manager keeping the last ``keep`` checkpoints, saving every ``save_every`` steps (and when forced)."""
+def make_manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """A manager keeping the last ``keep`` checkpoints; the caller decides when to save."""
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True,
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=(STATE_ITEM, DATA_ITEM))
 
@@ -37,17 +36,15 @@ def _decode_data_state(stored: dict) -> Any:
     return stored["encoded"].encode() if "encoded" in stored else stored["state"]
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any, force: bool = False) -> bool:
-    """Start saving ``state`` and ``data_state`` (an iterator's ``get_state()``) as ``step``.
-
-    Returns whether a save started (the manager skips steps off its interval unless ``force``).
-    """
-    return manager.save(
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> None:
+    """Start saving ``state`` and ``data_state`` (an iterator's ``get_state()``) as ``step`` (waits for
+    the previous save to finish first); the train state may be donated as soon as this returns."""
+    manager.save(
         step,
         args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(_encode_data_state(data_state))}
         ),
-        force=force,
+        force=True,
     )
 
 

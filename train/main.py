@@ -120,8 +120,7 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
     stage = config[name]
     directory = workdir / name
     directory.mkdir(parents=True, exist_ok=True)
-    manager = checkpointing.make_manager(directory / CHECKPOINT_DIR, stage.save_every, stage.keep_checkpoints,
-                                         stage.async_checkpoints)
+    manager = checkpointing.make_manager(directory / CHECKPOINT_DIR, stage.keep_checkpoints, stage.async_checkpoints)
     latest = manager.latest_step()
     source = stage.init_from or (config.init_from if index == 0 else "")
     loaded, base = (None, None)
@@ -160,12 +159,14 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
         logging.info("[%s] resuming at step %d of %d", name, start, total_steps)
     step_fn = make_train_step(WingsModel(model_config), tx, optimizer_labels(params_shape, learning_rates),
                               stage.grad_accum)
-    records = train_loop(name, step_fn, state, iterator, manager, schedules, start, total_steps, directory)
+    records = train_loop(name, step_fn, state, iterator, manager, schedules, start, total_steps, directory,
+                         stage.save_every)
     return StageResult(name, directory, model_config, total_steps, records)
 
 
-def train_loop(name, step_fn, state, iterator, manager, schedules, start: int, total_steps: int, directory: Path):
-    """Run steps ``start + 1 .. total_steps``: metrics every step, checkpoints on the manager's interval
+def train_loop(name, step_fn, state, iterator, manager, schedules, start: int, total_steps: int, directory: Path,
+               save_every: int):
+    """Run steps ``start + 1 .. total_steps``: metrics every step, a checkpoint every ``save_every`` steps
     and at the end. A non-finite loss raises NonFiniteLossError (after pending saves finish)."""
     writer = MetricsWriter(directory, resume_step=start)
     started = time.perf_counter()
@@ -190,7 +191,8 @@ def train_loop(name, step_fn, state, iterator, manager, schedules, start: int, t
                         f"{'none' if last is None else f'step {last} in {manager.directory}'}"
                     )
                 records.append({"step": step, **record})
-                checkpointing.save(manager, step, state, iterator.get_state(), force=step == total_steps)
+                if step % save_every == 0 or step == total_steps:
+                    checkpointing.save(manager, step, state, iterator.get_state())
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 bar.update()
         manager.wait_until_finished()
