@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -130,3 +131,21 @@ def test_stage2_model_with_flash_matches_xla():
     flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert_same(flat_want[path], grad, f"gradient {jax.tree_util.keystr(path)}")
+
+
+def test_flash_gradient_inside_a_scan_holds_nothing_of_length_squared_size():
+    """Differentiated inside a scan (as the scanned decoder layers are), the kernel must not leave any
+    (Lq, Lk)-sized residual (e.g. every tile's probabilities) for the backward pass."""
+    length = 256
+    (q, k, v, extra), rng = random_inputs(4, batch=2, q_len=length, kv_len=length)
+    mask = masks(rng, 2, length, length)["causal_padded"]
+
+    def loss(q, k, v, extra):
+        def layer(x, _):
+            return flash_attention(x, k, v, mask, extra, block_q=32, block_k=32)[0], None
+
+        return jax.lax.scan(layer, q, None, length=2)[0].sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, extra))
+    sizes = [int(np.prod([int(d) for d in dims.split(",")])) for dims in re.findall(r"\[(\d+(?:,\d+)*)\]", jaxpr)]
+    assert max(sizes) < length * length, f"an array of {max(sizes)} elements >= Lq * Lk = {length * length}"

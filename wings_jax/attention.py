@@ -239,18 +239,30 @@ def _flash_forward(qt, kt, vt, extra, tiles: _Tiles):
 
         init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, qt.shape[-1]), jnp.float32), jnp.zeros((*shape, extra.shape[-1]), jnp.float32))
-        row_max, denom, acc, acc_extra = jax.lax.fori_loop(0, n_k, key_block, init)
+        row_max, denom, acc, acc_extra = _while(n_k, key_block, init)
         seen = denom > 0
         inverse = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)[..., None]
         lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
         return (acc * inverse).astype(qt.dtype), acc_extra * inverse, lse
 
-    out, per_head_extra, lse = jax.lax.map(query_block, jnp.arange(n_q))  # leading n_q axis
-    out = _unblock(out, 3)
-    per_head_extra = _unblock(per_head_extra, 3)
-    lse = _unblock(lse, 3)
+    def store(i, outputs):
+        return tuple(jax.lax.dynamic_update_slice_in_dim(full, part, i * bq, axis=3)
+                     for full, part in zip(outputs, query_block(i), strict=True))
+
+    rows = qt.shape[:-1]
+    outputs = (jnp.zeros(qt.shape, qt.dtype), jnp.zeros((*rows, extra.shape[-1]), jnp.float32),
+               jnp.zeros(rows, jnp.float32))
+    out, per_head_extra, lse = _while(n_q, store, outputs)
     routed = per_head_extra.sum(axis=(1, 2))  # (B, Lq, C)
     return (out, routed), (qt, kt, vt, extra, tiles, out, per_head_extra, lse)
+
+
+def _while(count: int, body, init):
+    """``fori_loop(0, count, body, init)`` as a while loop. The forward pass must not be a scan: inside an
+    outer scan that is differentiated (the scanned layers), JAX would linearise a scan here and keep every
+    tile's probabilities as residuals, undoing the point of the kernel; a while loop it only evaluates."""
+    return jax.lax.while_loop(lambda carry: carry[0] < count, lambda carry: (carry[0] + 1, body(*carry)),
+                              (jnp.int32(0), init))[1]
 
 
 def _unblock(x, axis):
