@@ -15,6 +15,7 @@ from flax import traverse_util
 from train.checkpointing import restore_params
 from train.main import NonFiniteLossError, run
 from train.recipe import ConfigError, validate_config
+from wings_jax.checkpoint import save_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,21 @@ def test_two_stages_then_demo_report(tmp_path, capsys):
     # Rerunning a finished run trains nothing more.
     rerun = run(demo_config(), tmp_path)
     assert [r.records for r in rerun] == [[], []]
+
+    # A stage can start from a converted checkpoint (params + model config), e.g. stage 2 alone. Its
+    # vision tower is shifted so that it cannot be mistaken for a fresh initialisation; frozen, it
+    # must come out exactly as loaded.
+    converted = {k: v + 0.5 if k.startswith("vision_tower/") else v for k, v in stage2.items()}
+    converted = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in converted.items()})
+    save_params(tmp_path / "converted", converted, results[1].model_config)
+    config = demo_config(num_steps=1)
+    config.stages, config.init_from, config.stage2.init_from = "stage2", str(tmp_path / "converted"), ""
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "data").symlink_to(tmp_path / "data")
+    run(config, tmp_path / "alone")
+    alone = flat(restore_params(tmp_path / "alone" / "stage2" / "checkpoints")[0])
+    for key in vision:
+        np.testing.assert_array_equal(alone[key], stage2[key] + 0.5, err_msg=key)
 
 
 @pytest.mark.slow

@@ -98,10 +98,22 @@ def initial_params(source: str, previous_checkpoints: Path | None):
     if (Path(source) / CONFIG_FILE).is_file():
         logging.info("initialising from the converted checkpoint %s", source)
         return load_params(source)
-    checkpoints = Path(source) / CHECKPOINT_DIR if (Path(source) / CHECKPOINT_DIR).is_dir() else Path(source)
+    checkpoints = find_checkpoints(Path(source))
     params, step = checkpointing.restore_params(checkpoints)
     logging.info("initialising from step %d of %s", step, checkpoints)
     return params, None
+
+
+def find_checkpoints(source: Path) -> Path:
+    """The checkpoint directory in ``source``: a run's workdir with one stage, a stage's directory, or
+    the checkpoint directory itself."""
+    if (source / CHECKPOINT_DIR).is_dir():
+        return source / CHECKPOINT_DIR
+    stages = sorted(source.glob(f"*/{CHECKPOINT_DIR}"))
+    if len(stages) > 1:
+        raise ValueError(f"{source} holds several stages' checkpoints {[str(p.parent) for p in stages]}; "
+                         "name the stage's directory")
+    return stages[0] if stages else source
 
 
 def count_steps(stage: ml_collections.ConfigDict, data_config) -> int:
