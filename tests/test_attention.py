@@ -108,7 +108,7 @@ def test_auto_picks_by_platform_dtype_and_length():
     assert resolve_backend("auto", jnp.bfloat16, 128, platform="gpu") == "cudnn"
     assert resolve_backend("auto", jnp.float32, 128, platform="gpu") == "flash"
     assert resolve_backend("auto", jnp.bfloat16, 128, platform="tpu") == "flash"
-    assert resolve_backend("auto", jnp.float32, 128, platform="cpu") == "xla"
+    assert resolve_backend("auto", jnp.float32, 64, platform="cpu") == "xla"
     assert resolve_backend("auto", jnp.float32, 4096, platform="cpu") == "flash"
     assert resolve_backend("flash", jnp.float32, 8, platform="cpu") == "flash"
     with pytest.raises(ValueError, match="'splash' is not one of"):

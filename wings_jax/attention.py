@@ -26,10 +26,14 @@ class MaskSpec:
     causal: bool = struct.field(pytree_node=False, default=True)
 
 
-# ``auto`` on CPU: the blockwise kernel once the (L, L) scores would stop fitting in cache comfortably.
-AUTO_FLASH_MIN_KEYS = 1024
-FLASH_BLOCK_Q = 512
-FLASH_BLOCK_K = 512
+# ``auto`` on CPU: the blockwise kernel from this many keys on. Measured (fwd + bwd, causal, 8 heads of 64):
+# flash vs xla 1.7 vs 2.3 ms at L=128, 5.3 vs 12 ms at 256, 18 vs 66 ms at 512.
+AUTO_FLASH_MIN_KEYS = 128
+# Tile edge of the blockwise kernel by platform. On CPU, 64 measured fastest (fwd + bwd of a causal
+# L=1024 and L=4096 attention: 64 beat 32, 128, 256 and 512 by 1.1-4.7x): small tiles stay in cache
+# and skip more of the causal mask. Elsewhere (untuned) larger tiles keep the loop short.
+FLASH_BLOCKS = {"cpu": 64}
+FLASH_BLOCK_DEFAULT = 512
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
 
 
@@ -124,9 +128,10 @@ def dot_product_attention(q, k, v, mask: MaskSpec, extra_values, implementation:
     return out, routed[..., :channels].astype(jnp.float32).sum(axis=2)
 
 
-def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int = FLASH_BLOCK_Q,
-                    block_k: int = FLASH_BLOCK_K):
-    """Blockwise attention with an online softmax (same contract as ``attention``).
+def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | None = None,
+                    block_k: int | None = None):
+    """Blockwise attention with an online softmax (same contract as ``attention``); blocks default to
+    ``FLASH_BLOCKS`` for the platform.
 
     Query and key blocks that the mask hides entirely are skipped, forward and backward; nothing
     of size (Lq, Lk) is ever held, only (block_q, block_k) tiles. The backward pass recomputes the
@@ -135,7 +140,8 @@ def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int = F
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     extra = jnp.zeros((batch, kv_len, 0), jnp.float32) if extra_values is None else extra_values
-    block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
+    default = FLASH_BLOCKS.get(jax.default_backend(), FLASH_BLOCK_DEFAULT)
+    block_q, block_k = min(block_q or default, q_len), min(block_k or default, kv_len)
     pad_q, pad_k = -q_len % block_q, -kv_len % block_k
     qt = _pad_axis(q, 1, pad_q).reshape(batch, q_len + pad_q, kv_heads, heads // kv_heads, head_dim)
     qt = qt.transpose(0, 2, 3, 1, 4)  # (B, KV, G, Lq, hd)
