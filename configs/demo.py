@@ -3,7 +3,9 @@
 The run writes the demo dataset and tokenizer into ``<workdir>/data``, trains stage 1 (projector +
 visual learners on captions), then stage 2 from stage 1's weights (everything but the vision tower,
 on shape questions mixed with text-only arithmetic), then reports the loss curves, the accuracy of
-generated answers on held-out images and a few examples.
+generated answers on held-out images and a few examples. The LLM starts random and stage 1 keeps it
+frozen (as the recipe does), so stage 1's loss moves little; stage 2, which trains it, does the learning.
+About 1m45s on 2 CPU cores: held-out colour questions ~100 % (chance 25 %), shape ~60 % (chance 33 %).
 
 Any field can be overridden: ``--config.stage2.num_steps=100 --config.demo.n_train=500``.
 """
