@@ -3,16 +3,16 @@
 import pytest
 from transformers import AutoTokenizer
 
-from train.data import system_prompt_length
-from train.data.conversation import (
+from train.data.demo_data import train_demo_tokenizer
+from wings_jax.batch import IMAGE_PLACEHOLDER
+from wings_jax.conversation import (
     TEMPLATES,
     ConversationError,
     ConversationTokenizer,
     normalise_image_marks,
     render_text,
+    system_prompt_length,
 )
-from train.data.demo_data import train_demo_tokenizer
-from wings_jax.batch import IMAGE_PLACEHOLDER
 
 CONVERSATION = [
     {"from": "human", "value": "<image>\nWhat colour is the shape?"},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data.images import load_image, mean_colour_image, preprocess_image
+from wings_jax.images import load_image, mean_colour_image, preprocess_image
 
 
 def _cubic(x, a=-0.5):

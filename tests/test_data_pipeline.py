@@ -10,10 +10,12 @@ import pytest
 from etils import epath
 from transformers import AutoTokenizer
 
-from train.data import default_data_config, make_train_iterator, mean_colour_image, system_prompt_length
+from train.data import default_data_config, make_train_iterator
 from train.data.demo_data import write_demo_dataset
 from train.data.pipeline import mixed_record_dataset
 from wings_jax.batch import BATCH_KEYS, validate_batch
+from wings_jax.conversation import system_prompt_length
+from wings_jax.images import mean_colour_image
 from wings_jax.presets import tiny_model
 
 

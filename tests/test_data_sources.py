@@ -10,11 +10,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from transformers import AutoTokenizer
 
-from train.data import default_data_config, make_train_iterator, system_prompt_length
+from train.data import default_data_config, make_train_iterator
 from train.data.demo_data import COLOURS, SPECIAL_TOKENS, write_demo_dataset
-from train.data.sources import JsonSource, tfds_example_to_record
 from wings_jax.batch import BATCH_KEYS
+from wings_jax.conversation import system_prompt_length
 from wings_jax.presets import tiny_model
+from wings_jax.sources import JsonSource, tfds_example_to_record
 
 
 @pytest.fixture(scope="module")

@@ -1,42 +1,23 @@
-"""The inference front ends on a tiny saved checkpoint: train.inference.Assistant, train.chat,
-train.laws and train.eval (scoring, interleaved composer, bad inputs counted)."""
+"""The inference front ends on a tiny saved checkpoint: wings_jax.api.Assistant, the wings_jax.laws CLI
+and train.eval (scoring, interleaved composer, bad inputs counted). The chat CLI: test_chat.py."""
 
-import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_checkpoint import write_tiny_checkpoint
 
-from train import chat as chat_cli
 from train import eval as eval_cli
-from train import laws as laws_cli
-from train.data import system_prompt_length, train_demo_tokenizer
-from train.inference import Assistant
-from wings_jax.checkpoint import save_params
+from wings_jax import laws as laws_cli
+from wings_jax.api import Assistant
 from wings_jax.generate import Sampling
-from wings_jax.model import init_params
-from wings_jax.presets import tiny_model
-
-TEXTS = ["what colour is the square? red green blue", "2 + 3 = 5", "A B C D answer letter option choices"] * 20
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    train_demo_tokenizer(TEXTS, str(root), vocab_size=300)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(root))
-    base = tiny_model()
-    config = base.replace(
-        text=dataclasses.replace(base.text, vocab_size=len(tokenizer)),
-        wings=dataclasses.replace(base.wings, stage=2, system_prompt_length=system_prompt_length(tokenizer)),
-    ).validate()
-    save_params(root, init_params(config, jax.random.PRNGKey(0)), config)
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "red.png")
-    return root
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +31,6 @@ def test_answer_streams_what_it_returns(assistant, checkpoint):
     answer = assistant.answer("What colour?", images=[image], sampling=Sampling(max_new_tokens=5),
                               stream=pieces.append)
     assert "".join(pieces).strip() == answer
-
-
-def test_chat_prompt_and_interactive(assistant, checkpoint):
-    images = [assistant.pixels(str(checkpoint / "red.png"))]
-    out = []
-    one = chat_cli.chat(assistant, images, Sampling(max_new_tokens=3), 0, "Hi", write=out.append)
-    assert [t["from"] for t in one] == ["human", "gpt"] and one[0]["value"].startswith("<image>\n")
-    lines = iter(["first", "second", ""])
-    turns = chat_cli.chat(assistant, images, Sampling(max_new_tokens=3), 0, None, read=lambda _: next(lines),
-                          write=out.append)
-    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
-    assert turns[2]["value"] == "second"  # the image mark only on the first turn
 
 
 def test_option_logprobs_are_the_summed_token_logprobs(assistant):

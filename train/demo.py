@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from train import checkpointing
-from train.data import ConversationTokenizer, load_image, write_demo_dataset
+from train.data import write_demo_dataset
 from train.data.demo_data import COLOURS, SHAPES
 from train.metrics import loss_curve_table, read_metrics
 from wings_jax.batch import Sample, pack_batch
+from wings_jax.conversation import ConversationTokenizer
 from wings_jax.generate import greedy_generate
+from wings_jax.images import load_image
 from wings_jax.model import WingsModel
 
 DATA_DIR = "data"

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train.data import load_image
-from train.data.conversation import IMAGE_MARK, ConversationError
-from train.inference import Assistant
+from wings_jax.api import Assistant
 from wings_jax.batch import SampleTooLong
+from wings_jax.conversation import IMAGE_MARK, ConversationError
+from wings_jax.images import load_image
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."

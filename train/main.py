@@ -22,8 +22,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from train import checkpointing
-from train.data import make_train_iterator, system_prompt_length
-from train.data.sources import make_source
+from train.data import make_train_iterator
 from train.metrics import MetricsWriter, run_summary
 from train.optim import build_optimizer, optimizer_labels
 from train.recipe import (
@@ -40,7 +39,9 @@ from train.state import abstract_train_state, create_train_state
 from train.step import make_train_step
 from wings_jax.checkpoint import CONFIG_FILE, load_params
 from wings_jax.config import ModelConfig
+from wings_jax.conversation import system_prompt_length
 from wings_jax.model import WingsModel, init_params
+from wings_jax.sources import make_source
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 MODEL_CONFIG_FILE = "model_config.json"

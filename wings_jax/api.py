@@ -1,10 +1,10 @@
-"""A loaded Wings model with its tokenizer and chat template: the Python API behind ``train.chat``,
-``train.laws``, ``train.eval`` and the notebooks.
+"""A loaded Wings model with its tokenizer and chat template: the Python API behind ``wings_jax.chat``,
+``wings_jax.laws``, ``train.eval`` and the notebooks.
 
     assistant = Assistant.load("ckpt_dir", tokenizer="tokenizer_dir")
     answer = assistant.answer("What colour is the square?", images=[PIL.Image.open("a.png")])
     scores = assistant.option_logprobs([{"from": "human", "value": "<image>\\n2 + 2 ="}], ["3", "4"], images=[img])
-    summary = assistant.laws([(turns, [img]), ...])
+    summary, shares = assistant.laws([(turns, [img]), ...])   # wings_jax.laws.laws_figure(summary) plots it
 
 Conversations are LLaVA turns (``{"from": "human"|"gpt", "value": ...}``) whose ``<image>`` marks stand
 for the given images, in order. Images are PIL images, file paths or preprocessed float32 arrays.
@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from train.data import DEFAULT_SYSTEM_PROMPT, ConversationTokenizer, load_image, preprocess_image
-from train.data.conversation import IMAGE_MARK
 from wings_jax.batch import Sample, SampleTooLong, pack_batch
 from wings_jax.checkpoint import load_params
 from wings_jax.config import IGNORE_INDEX, ModelConfig
+from wings_jax.conversation import DEFAULT_SYSTEM_PROMPT, IMAGE_MARK, ConversationTokenizer
 from wings_jax.generate import Sampling, generate
+from wings_jax.images import load_image, preprocess_image
 from wings_jax.laws import LawsSummary, segment_masses, segment_shares, summarise
 from wings_jax.model import WingsModel
 

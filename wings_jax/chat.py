@@ -1,6 +1,6 @@
 """Chat with a Wings checkpoint, streaming the reply::
 
-    python -m train.chat --checkpoint DIR [--tokenizer DIR] [--image PATH ...] [--prompt TEXT]
+    python -m wings_jax.chat --checkpoint DIR [--tokenizer DIR] [--image PATH ...] [--prompt TEXT]
 
 With ``--prompt``: one answer, then exit. Without: an interactive multi-turn conversation (an empty
 line or end of input quits). The images belong to the first turn, one ``<image>`` mark each.
@@ -14,8 +14,8 @@ import sys
 
 import jax
 
-from train.data.conversation import IMAGE_MARK
-from train.inference import Assistant
+from wings_jax.api import Assistant
+from wings_jax.conversation import IMAGE_MARK
 from wings_jax.generate import Sampling
 
 
@@ -34,6 +34,7 @@ def chat(assistant: Assistant, images, sampling: Sampling, seed: int, prompt: st
             try:
                 text = read("user> ").strip()
             except EOFError:
+                write("\n")  # end the prompt's line
                 break
             if not text:
                 break

@@ -179,3 +179,8 @@ class ConversationTokenizer:
                 ids.extend(part_ids)
                 labels.extend(part_ids if labelled else [IGNORE_INDEX] * len(part_ids))
         return ids, labels
+
+
+def system_prompt_length(tokenizer, template: str = "qwen", system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> int:
+    """Tokens of the template's system block: the value of ``wings.system_prompt_length``."""
+    return ConversationTokenizer(tokenizer, template, system_prompt).system_prompt_length

@@ -2,7 +2,8 @@
 
 Main entry point::
 
-    from train.data import default_data_config, make_train_iterator, system_prompt_length
+    from train.data import default_data_config, make_train_iterator
+    from wings_jax.conversation import system_prompt_length
 
     data = default_data_config()
     data.sources = [
@@ -38,33 +39,23 @@ Data config fields (``default_data_config()`` has them all):
 - ``template``: ``qwen`` (ChatML) or ``llama3``; ``system_prompt``: the system message.
 
 Each source is sharded per process (equal strided shards ``process_index::process_count``), shuffled,
-repeated, then the sources are mixed by weight. Bad records (``bad_records.BAD_RECORD_KINDS``) never
+repeated, then the sources are mixed by weight. Bad records (``wings_jax.bad_records.BAD_RECORD_KINDS``) never
 stop a run: each is logged with its file and record id and counted.
 
 ``model_config.wings.system_prompt_length`` must equal ``system_prompt_length(tokenizer, template,
 system_prompt)``; ``make_train_iterator`` raises ValueError otherwise, and when the tokenizer has
 more tokens than ``text.vocab_size``.
 
-Modules: ``images`` (preprocessing), ``conversation`` (chat templates, ids + labels), ``sources``
-(JSON / JSONL / TFDS readers), ``bad_records`` (counting), ``pipeline`` (Grain), ``demo_data`` (the
-generated demo dataset and tokenizer: ``write_demo_dataset(out_dir, n_train, n_eval, seed)``).
+Modules: ``pipeline`` (Grain), ``demo_data`` (the generated demo dataset and tokenizer:
+``write_demo_dataset(out_dir, n_train, n_eval, seed)``). The pieces shared with inference live in
+``wings_jax``: ``images`` (preprocessing), ``conversation`` (chat templates, ids + labels), ``sources``
+(JSON / JSONL / TFDS readers) and ``bad_records`` (counting).
 """
 
-from train.data.bad_records import BAD_RECORD_KINDS, BadRecord, BadRecordCounter
-from train.data.conversation import DEFAULT_SYSTEM_PROMPT, ConversationTokenizer
 from train.data.demo_data import DemoDataset, train_demo_tokenizer, write_demo_dataset
-from train.data.images import load_image, mean_colour_image, preprocess_image
 from train.data.pipeline import TrainIterator, default_data_config, make_train_iterator, validate_data_config
 
-
-def system_prompt_length(tokenizer, template: str = "qwen", system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> int:
-    """Tokens of the template's system block: the value of ``wings.system_prompt_length``."""
-    return ConversationTokenizer(tokenizer, template, system_prompt).system_prompt_length
-
-
 __all__ = [
-    "BAD_RECORD_KINDS", "BadRecord", "BadRecordCounter", "ConversationTokenizer", "DEFAULT_SYSTEM_PROMPT",
-    "DemoDataset", "TrainIterator", "default_data_config", "load_image", "make_train_iterator",
-    "mean_colour_image", "preprocess_image", "system_prompt_length", "train_demo_tokenizer",
+    "DemoDataset", "TrainIterator", "default_data_config", "make_train_iterator", "train_demo_tokenizer",
     "validate_data_config", "write_demo_dataset",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from train.data.conversation import DEFAULT_SYSTEM_PROMPT, TEMPLATES, render_text
+from wings_jax.conversation import DEFAULT_SYSTEM_PROMPT, TEMPLATES, render_text
 
 logger = logging.getLogger(__name__)
 

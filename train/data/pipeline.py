@@ -17,12 +17,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from train.data.bad_records import BadRecord, BadRecordCounter
-from train.data.conversation import DEFAULT_SYSTEM_PROMPT, TEMPLATES, ConversationError, ConversationTokenizer
-from train.data.images import load_image
-from train.data.sources import SOURCE_KINDS, SourceRecord, make_source
+from wings_jax.bad_records import BadRecord, BadRecordCounter
 from wings_jax.batch import Sample, pack_batch
 from wings_jax.config import ModelConfig
+from wings_jax.conversation import DEFAULT_SYSTEM_PROMPT, TEMPLATES, ConversationError, ConversationTokenizer
+from wings_jax.images import load_image
+from wings_jax.sources import SOURCE_KINDS, SourceRecord, make_source
 
 logger = logging.getLogger(__name__)
 
