@@ -67,7 +67,7 @@ def run(config) -> dict:
     tokens = config.batch_size * config.seq_len
     return {
         "benchmark": "train_step", "seq_len": config.seq_len, "batch_size": config.batch_size,
-        "dtype": model.dtype, "attention_backend": resolve_backend(model.attention_backend, model.dtype,
+        "dtype": model.dtype, "attention_backend": resolve_backend(model.attention_backend, model.dtype, config.seq_len,
                                                                    config.seq_len),
         "remat_policy": model.remat_policy, "scan_layers": model.scan_layers,
         "tokens_per_s": tokens / timing["median_s"], "model_tflops_per_step": flops["total"] / 1e12,

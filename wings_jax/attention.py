@@ -26,9 +26,10 @@ class MaskSpec:
     causal: bool = struct.field(pytree_node=False, default=True)
 
 
-# ``auto`` on CPU: the blockwise kernel from this many keys on. Measured (fwd + bwd, causal, 8 heads of 64):
-# flash vs xla 1.7 vs 2.3 ms at L=128, 5.3 vs 12 ms at 256, 18 vs 66 ms at 512.
-AUTO_FLASH_MIN_KEYS = 128
+# ``auto`` picks the blockwise kernel once queries and keys both reach this length; below it (decode
+# steps with one query, tiny models) the reference is cheapest. Measured on CPU (fwd + bwd, causal,
+# 8 heads of 64): flash vs xla 1.7 vs 2.3 ms at L=128, 5.3 vs 12 ms at 256, 18 vs 66 ms at 512.
+AUTO_FLASH_MIN_LENGTH = 128
 # Tile edge of the blockwise kernel by platform. On CPU, 64 measured fastest (fwd + bwd of a causal
 # L=1024 and L=4096 attention: 64 beat 32, 128, 256 and 512 by 1.1-4.7x): small tiles stay in cache
 # and skip more of the causal mask. Elsewhere (untuned) larger tiles keep the loop short.
@@ -55,7 +56,7 @@ def attention(
     (blockwise, memory linear in the length, blockwise backward too), ``cudnn`` (GPU, bf16/fp16
     only), ``auto`` (chosen by ``resolve_backend``).
     """
-    backend = resolve_backend(backend, q.dtype, k.shape[1])
+    backend = resolve_backend(backend, q.dtype, q.shape[1], k.shape[1])
     if backend == "xla":
         return _xla_attention(q, k, v, mask, extra_values)
     if backend == "flash":
@@ -63,7 +64,7 @@ def attention(
     return dot_product_attention(q, k, v, mask, extra_values, implementation="cudnn")
 
 
-def resolve_backend(backend: str, dtype, kv_len: int, platform: str | None = None) -> str:
+def resolve_backend(backend: str, dtype, q_len: int, kv_len: int, platform: str | None = None) -> str:
     """The concrete backend for ``backend`` ('auto' picks by ``platform``, default ``jax.default_backend()``)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
@@ -72,9 +73,9 @@ def resolve_backend(backend: str, dtype, kv_len: int, platform: str | None = Non
     platform = platform or jax.default_backend()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if platform in ("gpu", "tpu") or kv_len >= AUTO_FLASH_MIN_KEYS:
-        return "flash"
-    return "xla"
+    if min(q_len, kv_len) < AUTO_FLASH_MIN_LENGTH:
+        return "xla"
+    return "flash"
 
 
 def visibility(mask: MaskSpec) -> jnp.ndarray:
