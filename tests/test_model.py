@@ -146,8 +146,14 @@ def test_bad_batches_name_the_problem():
     with pytest.raises(ValueError, match="1 image placeholders but 0 images"):
         pack_batch([Sample([1, IMAGE_PLACEHOLDER])], config, 40)
     long_config = config.replace(wings=WingsConfig(stage=2, lora_dim=8, router_positions=32))
+    long_batch = image_batch(long_config, seq_len=40)
     with pytest.raises(ValueError, match="exceeds the router's position table wings.router_positions=32"):
-        validate_batch(image_batch(long_config, seq_len=40), long_config)
+        validate_batch(long_batch, long_config)
+    params = init_params(long_config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="sequence length 40 exceeds the router's position table"):
+        WingsModel(long_config).apply({"params": params}, long_batch)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(B, \*\(1, 14, 14, 3\)\)"):
+        WingsModel(config).apply({"params": params}, dict(batch, pixel_values=batch["pixel_values"][:, :, :14, :14]))
 
 
 def test_learners_on_a_subset_of_layers():

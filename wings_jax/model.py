@@ -56,6 +56,7 @@ class WingsModel(nn.Module):
             return self._decode(batch["input_ids"], batch["decode_state"])
         has_pixels = batch.get("pixel_values") is not None
         flags = self._learner_flags(has_pixels)
+        check_static_shapes(config, batch, cache_length if mode == "prefill" else 0, flags["use_router"])
         decoder = Decoder(config, collect_laws=mode == "laws", name="decoder", **flags)
         input_ids = batch["input_ids"]
         image_mask = batch["image_mask"].astype(bool)
@@ -216,6 +217,21 @@ def _prefill_inputs(inputs: LayerInputs, batch: dict, cache_length: int, system_
         inputs = inputs._replace(visual=visual._replace(cache_slots=feature_slots))
         state = state._replace(visual_index=visual.mask.kv_index, visual_valid=visual.mask.kv_valid)
     return inputs, state
+
+
+def check_static_shapes(config: ModelConfig, batch: dict, cache_length: int, uses_router: bool) -> None:
+    """Raise ValueError for what the shapes alone show is wrong (run at trace time)."""
+    if batch.get("pixel_values") is not None:
+        size = config.vision.image_size
+        expected = (config.max_images, size, size, config.vision.num_channels)
+        found = tuple(batch["pixel_values"].shape[1:])
+        if found != expected:
+            raise ValueError(f"pixel_values has shape (B, *{found}), expected (B, *{expected}) "
+                             "(max_images, image_size, image_size, channels)")
+    key_length = max(batch["input_ids"].shape[1], cache_length)
+    if uses_router and key_length > config.wings.router_positions:
+        raise ValueError(f"sequence length {key_length} exceeds the router's position table "
+                         f"wings.router_positions={config.wings.router_positions}")
 
 
 def segment_indicators(image_mask: jnp.ndarray, attention_mask: jnp.ndarray) -> jnp.ndarray:
