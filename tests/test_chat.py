@@ -68,6 +68,12 @@ def test_interactive_turns_until_an_empty_line(assistant):
     assert text.count("user> ") == 3 and text.count("assistant> ") == 2
 
 
+def test_a_conversation_too_long_for_the_model_ends_with_a_message(assistant):
+    text, turns = _transcript(assistant, [], None, ["hello", "red " * assistant.max_length])
+    assert [t["value"] for t in turns[::2]] == ["hello"] and len(turns) == 2
+    assert text.endswith(f"exceed the model's {assistant.max_length}]\n")
+
+
 def test_cli_prompt_streams_the_answer(assistant, checkpoint):
     images = [assistant.pixels(str(checkpoint / IMAGE))]
     expected, turns = _transcript(assistant, images, "What colour?")

@@ -15,6 +15,7 @@ import sys
 import jax
 
 from wings_jax.api import Assistant
+from wings_jax.batch import SampleTooLong
 from wings_jax.conversation import IMAGE_MARK
 from wings_jax.generate import Sampling
 
@@ -26,7 +27,8 @@ def _stream(text: str) -> None:
 
 def chat(assistant: Assistant, images, sampling: Sampling, seed: int, prompt: str | None,
          read=input, write=_stream) -> list[dict]:
-    """One reply to ``prompt``, or turns read with ``read`` until an empty line; returns the conversation."""
+    """One reply to ``prompt``, or turns read with ``read`` until an empty line (or until the conversation
+    outgrows the model); returns the conversation."""
     turns: list[dict] = []
     rng = jax.random.PRNGKey(seed)
     while True:
@@ -45,7 +47,12 @@ def chat(assistant: Assistant, images, sampling: Sampling, seed: int, prompt: st
         turns.append({"from": "human", "value": text})
         rng, key = jax.random.split(rng)
         write("assistant> ")
-        reply = assistant.answer(turns, images, sampling, rng=key, stream=write)
+        try:
+            reply = assistant.answer(turns, images, sampling, rng=key, stream=write)
+        except SampleTooLong as error:
+            write(f"[the conversation no longer fits: {error}]\n")
+            turns.pop()
+            break
         write("\n")
         turns.append({"from": "gpt", "value": reply})
         if prompt is not None:
@@ -54,7 +61,8 @@ def chat(assistant: Assistant, images, sampling: Sampling, seed: int, prompt: st
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m wings_jax.chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a wings_jax.checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint)")
     parser.add_argument("--template", default="qwen", help="chat template: qwen or llama3")

@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
     # Imported here: wings_jax.api imports this module for the library functions above.
     from wings_jax.api import Assistant
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m wings_jax.laws", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a wings_jax.checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint)")
     parser.add_argument("--template", default="qwen")
