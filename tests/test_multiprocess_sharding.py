@@ -1,6 +1,6 @@
 """Two processes x four CPU devices (jax.distributed on 127.0.0.1, gloo collectives) train three steps on
 a hybrid mesh (DCN data=2 over the processes, ICI fsdp=2 x tensor=2) and match one process; their
-Orbax checkpoint restores in one process onto one device.
+Orbax checkpoint (with each process's data-iterator state) restores in one process onto one device.
 
 Run as a script, this file is one of the worker processes.
 """
@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,8 +56,8 @@ def worker(process_id: int, port: int, out_dir: Path) -> None:
         local = {key: value[process_id * rows:(process_id + 1) * rows] for key, value in batch.items()}
         state, metrics = step(state, partitioner.global_batch(local))
         losses.append(float(metrics["loss"]))
-    manager = checkpointing.make_manager(out_dir / "checkpoints", save_every=1, keep=1)
-    checkpointing.save(manager, 3, state, {"position": 3})
+    manager = checkpointing.make_manager(out_dir / "checkpoints", keep=1)
+    checkpointing.save(manager, 3, state, {"position": 3, "process": process_id})
     manager.wait_until_finished()
     manager.close()
     params = multihost_utils.process_allgather(state.params, tiled=True)
@@ -111,10 +112,13 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path):
     abstract = abstract_train_state(config, tx, jax.random.PRNGKey(0), SEQ_LEN)
     single = Partitioner.from_config({"mesh": {}}, devices=[device])
     target = single.abstract_sharded(abstract, single.state_shardings(config, abstract))
-    manager = checkpointing.make_manager(tmp_path / "checkpoints", save_every=1, keep=1)
-    restored, data_state = checkpointing.restore(manager, 3, target)
+    manager = checkpointing.make_manager(tmp_path / "checkpoints", keep=1)
+    restored, data_states = checkpointing.restore(manager, 3, target)
     manager.close()
-    assert data_state == {"position": 3}
+    assert data_states == [{"position": 3, "process": 0}, {"position": 3, "process": 1}]
+    # Each process read its own shard of the data: one process cannot take over their order.
+    with pytest.raises(ValueError, match="holds the data-iterator states of 2 processes, but this run has 1"):
+        checkpointing.own_data_state(data_states, "step 3")
     assert int(restored.step) == 3
     for name, value in by_name(restored.params).items():
         np.testing.assert_array_equal(value, result[name], err_msg=name)

@@ -108,14 +108,14 @@ def test_checkpoint_restores_onto_other_meshes(setup, reference, tmp_path):
     abstract = abstract_train_state(config, tx, jax.random.PRNGKey(0), SEQ_LEN)
     source = Partitioner.from_config({"mesh": {"fsdp": 8}})
     state = jax.device_put(initial, source.state_shardings(config, abstract))
-    manager = checkpointing.make_manager(tmp_path, save_every=1, keep=1, async_save=False)
+    manager = checkpointing.make_manager(tmp_path, keep=1, async_save=False)
     checkpointing.save(manager, 1, state, {"position": 7})
     manager.wait_until_finished()
     for target in (Partitioner.from_config({"mesh": {"fsdp": 4, "tensor": 2}}),
                    Partitioner.from_config({"mesh": {}}, devices=jax.devices()[:1])):
         shardings = target.state_shardings(config, abstract)
-        restored, data_state = checkpointing.restore(manager, 1, target.abstract_sharded(abstract, shardings))
-        assert data_state == {"position": 7}
+        restored, data_states = checkpointing.restore(manager, 1, target.abstract_sharded(abstract, shardings))
+        assert data_states == [{"position": 7}]
         assert max_difference(jax.device_get(restored), initial) == 0.0
         for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings), strict=True):
             assert leaf.sharding == sharding

@@ -27,6 +27,8 @@ def demo_config(**stage_overrides):
     spec.loader.exec_module(module)
     config = module.get_config()
     config.demo.n_train, config.demo.n_eval, config.demo.examples = 64, 4, 3
+    # The 8 test devices as fsdp=4 x tensor=2: batches of 4 rows over 4 batch shards.
+    config.sharding.mesh.update(fsdp=4, tensor=2)
     for name in ("stage1", "stage2"):
         config[name].update(dict(num_steps=3, batch_size=4, save_every=1, async_checkpoints=False))
         config[name].update(stage_overrides)

@@ -23,6 +23,8 @@ ARGS = [
     "--config.stages=stage1", f"--config.stage1.num_steps={STEPS}", f"--config.stage1.save_every={SAVE_EVERY}",
     "--config.stage1.batch_size=4", "--config.stage1.keep_checkpoints=2",
     "--config.demo.n_train=64", "--config.demo.n_eval=4", "--config.demo.report=False",
+    # sharded over the 8 test devices (conftest's XLA_FLAGS): batches of 4 over fsdp=4, tensor=2
+    "--config.sharding.mesh.fsdp=4", "--config.sharding.mesh.tensor=2",
 ]
 
 

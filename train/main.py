@@ -2,7 +2,14 @@
 
 Runs the config's stages in order, each in ``DIR/<stage name>/`` (checkpoints, metrics.jsonl,
 TensorBoard events, model_config.json). Rerunning the same command resumes from the latest
-checkpoint; a finished stage is skipped. Without ``--config`` the demo recipe runs.
+checkpoint, on whatever mesh the config now gives; a finished stage is skipped. Without ``--config``
+the demo recipe runs.
+
+The state is sharded over the mesh of ``config.sharding`` (FSDP over every device by default;
+e.g. ``--config.sharding.mesh.fsdp=4 --config.sharding.mesh.tensor=2``). Several processes (TPU pod,
+SLURM, or ``config.sharding.distributed``) each run the same command; each reads its own share of
+every batch, and process 0 writes the metrics and the model config (the others write their metrics
+under ``DIR/<stage>/process_<index>/``).
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from sharding import Partitioner, ShardingError, distributed
+from sharding.mesh import describe
 from train import checkpointing
 from train.data import make_train_iterator
 from train.metrics import MetricsWriter, run_summary
@@ -73,21 +83,30 @@ def load_tokenizer(path: str):
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> list[StageResult]:
     """Validate ``config``, then train its stages in ``workdir``; returns one result per stage."""
     validate_config(config)
+    try:
+        partitioner = Partitioner.from_config(config.sharding)
+    except ShardingError as error:
+        raise ConfigError(f"invalid training config:\n  sharding.mesh: {error}") from error
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if "demo" in config:
         from train.demo import prepare_demo_data
 
-        prepare_demo_data(config, workdir)
+        if jax.process_index() == 0:
+            prepare_demo_data(config, workdir)
+        multihost_utils.sync_global_devices("demo data written")
     tokenizer = load_tokenizer(config.tokenizer.replace(WORKDIR_MARK, str(workdir)))
     results = []
     for index, name in enumerate(stage_names(config)):
         previous = results[-1].directory / CHECKPOINT_DIR if results else None
-        results.append(train_stage(config, name, index, workdir, tokenizer, previous))
+        results.append(train_stage(config, name, index, workdir, tokenizer, previous, partitioner))
     if "demo" in config and config.demo.report:
         from train.demo import report_demo
 
-        report_demo(config, workdir, tokenizer, results)
+        if jax.process_count() == 1:
+            report_demo(config, workdir, tokenizer, results)
+        else:
+            logging.info("the demo report runs in single-process runs only; rerun with one process for it")
     return results
 
 
@@ -128,8 +147,19 @@ def count_steps(stage: ml_collections.ConfigDict, data_config) -> int:
     return steps
 
 
-def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previous_checkpoints: Path | None):
-    """Train (or resume, or skip if finished) one stage; returns its StageResult."""
+def check_sharding(partitioner: Partitioner, name: str, model_config: ModelConfig, stage) -> None:
+    """ShardingError naming the stage and the mesh if the model or the batch does not divide over it."""
+    try:
+        partitioner.check(model_config, stage.batch_size, stage.grad_accum)
+    except ShardingError as error:
+        raise ShardingError(f"[{name}] config.sharding.mesh gives {describe(partitioner.sizes)}, which does not fit "
+                            f"this stage (batch_size={stage.batch_size}, grad_accum={stage.grad_accum}): "
+                            f"{error}") from error
+
+
+def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previous_checkpoints: Path | None,
+                partitioner: Partitioner):
+    """Train (or resume, or skip if finished) one stage on ``partitioner``'s mesh; returns its StageResult."""
     stage = config[name]
     directory = workdir / name
     directory.mkdir(parents=True, exist_ok=True)
@@ -146,12 +176,14 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
     if latest is not None and (directory / MODEL_CONFIG_FILE).is_file():
         base = ModelConfig.load(directory / MODEL_CONFIG_FILE)
     model_config = model_config_from(config, name, tokenizer_values, base)
-    model_config.save(directory / MODEL_CONFIG_FILE)
+    if jax.process_index() == 0:
+        model_config.save(directory / MODEL_CONFIG_FILE)
     total_steps = count_steps(stage, data_config)
     if latest is not None and latest >= total_steps:
         logging.info("[%s] finished earlier (step %d of %d); skipping", name, latest, total_steps)
         manager.close()
         return StageResult(name, directory, model_config, latest, [])
+    check_sharding(partitioner, name, model_config, stage)
 
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), index)
     params_shape = jax.eval_shape(lambda: init_params(model_config, rng, seq_len=stage.seq_len))
@@ -161,36 +193,44 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
         b1=stage.b1, b2=stage.b2, eps=stage.eps, max_grad_norm=stage.max_grad_norm,
     )
     iterator = make_train_iterator(data_config, model_config, tokenizer, seed=config.seed + index)
+    abstract_state = abstract_train_state(model_config, tx, rng, stage.seq_len)
+    state_sharding = partitioner.state_shardings(model_config, abstract_state)
     if latest is None:
-        state = create_train_state(model_config, tx, rng, stage.seq_len, loaded)
+        state = create_train_state(model_config, tx, rng, stage.seq_len, loaded, state_sharding)
         start = 0
     else:
-        state, data_state = checkpointing.restore(manager, latest, abstract_train_state(model_config, tx, rng,
-                                                                                         stage.seq_len))
-        iterator.set_state(data_state)
+        # Onto this run's mesh, whichever mesh saved it.
+        target = partitioner.abstract_sharded(abstract_state, state_sharding)
+        state, data_states = checkpointing.restore(manager, latest, target)
+        iterator.set_state(checkpointing.own_data_state(data_states, f"step {latest} in {manager.directory}"))
         start = latest
         logging.info("[%s] resuming at step %d of %d", name, start, total_steps)
     step_fn = make_train_step(WingsModel(model_config), tx, optimizer_labels(params_shape, learning_rates),
-                              stage.grad_accum)
-    records = train_loop(name, step_fn, state, iterator, manager, schedules, start, total_steps, directory,
-                         stage.save_every)
+                              stage.grad_accum, state_sharding, partitioner.batch_sharding())
+    step_fn = partitioner.in_context(step_fn)
+    records = train_loop(name, step_fn, state, iterator, partitioner, manager, schedules, start, total_steps,
+                         directory, stage.save_every)
     return StageResult(name, directory, model_config, total_steps, records)
 
 
-def train_loop(name, step_fn, state, iterator, manager, schedules, start: int, total_steps: int, directory: Path,
-               save_every: int):
+def train_loop(name, step_fn, state, iterator, partitioner: Partitioner, manager, schedules, start: int,
+               total_steps: int, directory: Path, save_every: int):
     """Run steps ``start + 1 .. total_steps``: metrics every step, a checkpoint every ``save_every`` steps
-    and at the end. A non-finite loss raises NonFiniteLossError (after pending saves finish)."""
-    writer = MetricsWriter(directory, resume_step=start)
+    and at the end. A non-finite loss raises NonFiniteLossError (after pending saves finish).
+
+    ``iterator`` gives this process's rows of each batch; ``partitioner`` assembles the global batch."""
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(directory if primary else directory / f"process_{jax.process_index()}", resume_step=start)
     started = time.perf_counter()
     records = []
     try:
-        with tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+                  disable=not primary) as bar:
             for step in range(start + 1, total_steps + 1):
                 tick = time.perf_counter()
                 batch = next(iterator)
-                tokens = int(batch["attention_mask"].sum())
-                state, metrics = step_fn(state, batch)
+                tokens = int(batch["attention_mask"].sum())  # this process's rows
+                state, metrics = step_fn(state, partitioner.global_batch(batch))
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - tick
                 record = step_record(metrics, schedules, step, tokens, seconds, iterator.bad_records.totals())
@@ -236,8 +276,9 @@ def main(argv) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        distributed.initialize(_CONFIG.value.sharding.distributed)  # before anything else touches the devices
         run(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as error:
+    except (ConfigError, ShardingError) as error:
         sys.exit(str(error))
 
 

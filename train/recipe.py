@@ -1,10 +1,12 @@
 """The training config: defaults shared by the recipes in configs/, and its validation.
 
 A config (an ``ml_collections.ConfigDict``) holds the model (``config.model``: every
-``wings_jax.config.ModelConfig`` field, so any can be overridden with ``--config.model.x.y=...``)
-and one sub-config per training stage (``config.stage1``, ``config.stage2``, ...);
-``config.stages`` lists, comma-separated, the stages to run in order. A stage sets the Wings
-stage, where its parameters come from, its data, and its optimisation.
+``wings_jax.config.ModelConfig`` field, so any can be overridden with ``--config.model.x.y=...``),
+the mesh and rules that place the run on the devices (``config.sharding``, see
+``sharding.config.default_sharding_config``: e.g. ``--config.sharding.mesh.tensor=2``) and one
+sub-config per training stage (``config.stage1``, ``config.stage2``, ...); ``config.stages`` lists,
+comma-separated, the stages to run in order. A stage sets the Wings stage, where its parameters
+come from, its data, and its optimisation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 
 import ml_collections
 
+from sharding.config import default_sharding_config
 from train.data import default_data_config, validate_data_config
 from train.optim import ALWAYS_FROZEN, GROUPS, LEARNER_GROUPS
 from wings_jax.config import ModelConfig
@@ -41,6 +44,7 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
     config.tokenizer = ""  # a Hugging Face tokenizer directory ('{workdir}' stands for the workdir)
     config.init_from = ""  # a converted checkpoint directory for the first stage ('' = random init)
     config.stages = "stage1"
+    config.sharding = default_sharding_config()  # FSDP over every device unless overridden
     return config
 
 

@@ -14,11 +14,16 @@ from train.state import TrainState
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], grad_accum: int) -> dict[str, jax.Array]:
-    """(B, ...) -> (grad_accum, B // grad_accum, ...): consecutive rows form one micro-batch."""
+    """(B, ...) -> (grad_accum, B // grad_accum, ...): micro-batch i holds rows i, i + grad_accum, ...
+
+    Strided, not consecutive, rows: a batch sharded over devices in consecutive blocks of rows then
+    gives every micro-batch an equal share of every device's block, so each micro-batch stays spread
+    over all devices and splitting moves no data between them.
+    """
     def split(x):
         if x.shape[0] % grad_accum:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into grad_accum={grad_accum} micro-batches")
-        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
 
     return {key: split(value) for key, value in batch.items()}
 
