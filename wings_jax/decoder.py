@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.config import ModelConfig
-from wings_jax.kv_cache import CACHE, cached_keys_values
+from wings_jax.kv_cache import CACHE, NEW_ENTRIES, attend_with_cache
 from wings_jax.lorra import LearnerSource, LoRRA, Router
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
 from wings_jax.rope import apply_rope, inverse_frequencies
@@ -71,10 +71,12 @@ class SelfAttention(nn.Module):
         v = v.reshape(batch, seq_len, text.num_kv_heads, hd)
         inv_freq = inverse_frequencies(hd, text.rope_theta, text.rope_scaling_dict)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache_slots is not None:
-            k, v = cached_keys_values(self, k, v, cache_slots, mask.kv_index.shape[1])
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
-        out, extra = attention(q, k, v, mask, extra_values, backend=self.config.attention_backend)
+        if cache_slots is None:
+            out, extra = attention(q, k, v, mask, extra_values, backend=self.config.attention_backend)
+        else:
+            out, extra = attend_with_cache(self, q, k, v, cache_slots, mask, extra_values,
+                                           self.config.attention_backend)
         out = checkpoint_name(out.reshape(batch, seq_len, text.num_heads * hd), ATTENTION_OUTPUT)
         return _dense(text.hidden_size, "q_heads", "embed", dtype, param_dtype, "o_proj")(out), extra
 
@@ -195,8 +197,8 @@ class Decoder(nn.Module):
         layer_cls = maybe_remat(DecoderLayer, self.config.remat_policy, scanned=self.config.scan_layers)
         if self.config.scan_layers:
             scanned = nn.scan(
-                layer_cls, variable_axes={"params": 0, CACHE: 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                length=text.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                layer_cls, variable_axes={"params": 0, CACHE: 0, NEW_ENTRIES: 0}, split_rngs={"params": True},
+                in_axes=nn.broadcast, length=text.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )
             self.layers = scanned(self.config, has_learners=self.config.wings.enabled, **flags)
         else:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wings_jax.config import ModelConfig
+from wings_jax.kv_cache import CACHE, NEW_ENTRIES, write_new_entries
 from wings_jax.model import WingsModel
 
 METHODS = ("auto", "cache", "recompute")
@@ -170,9 +171,12 @@ def _prefill(config: ModelConfig, params, batch: dict, cache_length: int):
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def _decode(config: ModelConfig, params, cache, state, tokens):
+    """One decode step; the caches are read inside the layers and the new entries written once, in place
+    (``cache`` is donated)."""
+    slots = state.lengths
     (logits, state), variables = WingsModel(config).apply(
-        {"params": params, "cache": cache}, tokens, state, method=WingsModel.decode_step, mutable=["cache"])
-    return logits, variables["cache"], state
+        {"params": params, CACHE: cache}, tokens, state, method=WingsModel.decode_step, mutable=[NEW_ENTRIES])
+    return logits, write_new_entries(cache, variables[NEW_ENTRIES], slots), state
 
 
 def _recompute_steps(config: ModelConfig, params, batch: dict, lengths: np.ndarray, cache_length: int):

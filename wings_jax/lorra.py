@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from wings_jax.attention import MaskSpec, attention
-from wings_jax.kv_cache import cached_keys_values
+from wings_jax.kv_cache import attend_with_cache
 from wings_jax.rope import apply_rope, inverse_frequencies
 
 
@@ -71,8 +71,9 @@ class LoRRA(nn.Module):
             v = (src + self._low_rank("v", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
             k = apply_rope(k, source.positions, inv_freq)
         if source.values is None or source.cache_slots is not None:
-            k, v = cached_keys_values(self, k, v, source.cache_slots, source.mask.kv_index.shape[1])
-        out, _ = attention(q, k, v, source.mask, backend=self.backend)
+            out, _ = attend_with_cache(self, q, k, v, source.cache_slots, source.mask, backend=self.backend)
+        else:
+            out, _ = attention(q, k, v, source.mask, backend=self.backend)
         if source.uniform_rows is not None:
             # Reference quirk: these rows' mask is the most negative float on every key, so their
             # softmax is uniform over all existing keys: the mean of the values.

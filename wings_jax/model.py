@@ -93,8 +93,9 @@ class WingsModel(nn.Module):
         return self(batch, mode="prefill", cache_length=cache_length)
 
     def decode_step(self, tokens: jnp.ndarray, state: DecodeState) -> tuple[jnp.ndarray, DecodeState]:
-        """Append one token per row (B,) at slot ``state.lengths`` using and updating the cache; returns its
-        float32 next-token logits (B, V) and the new state."""
+        """Append one token per row (B,) at slot ``state.lengths``; returns its float32 next-token logits
+        (B, V) and the new state. Apply with the ``cache`` collection read-only and ``mutable=[NEW_ENTRIES]``,
+        then store the token's keys/values with ``kv_cache.write_new_entries``."""
         return self({"input_ids": tokens, "decode_state": state}, mode="decode")
 
     def laws(self, batch: dict) -> jnp.ndarray:
@@ -127,20 +128,23 @@ class WingsModel(nn.Module):
         decoder = Decoder(self.config, name="decoder", **flags)
         rows, slots = jnp.arange(tokens.shape[0]), state.lengths[:, None]  # slot == position
         embeds = decoder.embed(tokens[:, None])
-        kv_valid = state.kv_valid.at[rows, state.lengths].set(True)
         is_key = state.lengths >= self.config.wings.system_prompt_length  # text past the system prompt
-        text_valid = state.text_valid.at[rows, state.lengths].set(is_key)
-        cache_index = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
-        inputs = LayerInputs(positions=slots, mask=MaskSpec(slots, cache_index, kv_valid, causal=True),
-                             cache_slots=slots)
+        # The layers attend to their (read-only) caches followed by this token's own key (kv_cache).
+        cache_index = jnp.broadcast_to(jnp.arange(state.kv_valid.shape[1]), state.kv_valid.shape)
+        key_index = jnp.concatenate([cache_index, slots], axis=1)
+        with_new_key = lambda valid, new: jnp.concatenate([valid, new[:, None]], axis=1)
+        main_mask = MaskSpec(slots, key_index, with_new_key(state.kv_valid, jnp.ones_like(is_key)), causal=True)
+        inputs = LayerInputs(positions=slots, mask=main_mask, cache_slots=slots)
         if flags["use_visual"]:
             visual_mask = MaskSpec(slots, state.visual_index, state.visual_valid, causal=True)
             inputs = inputs._replace(visual=LearnerSource(None, None, visual_mask),
                                      visual_weight=jnp.ones(tokens.shape, jnp.float32))
         if flags["use_textual"]:
-            text_mask = MaskSpec(slots, cache_index, text_valid, causal=True)
+            text_mask = MaskSpec(slots, key_index, with_new_key(state.text_valid, is_key), causal=True)
             inputs = inputs._replace(textual=LearnerSource(embeds, slots, text_mask, cache_slots=slots))
         hidden, _ = decoder(embeds, inputs)
+        kv_valid = state.kv_valid.at[rows, state.lengths].set(True)
+        text_valid = state.text_valid.at[rows, state.lengths].set(is_key)
         state = state._replace(lengths=state.lengths + 1, kv_valid=kv_valid, text_valid=text_valid)
         return self._head_logits(decoder, hidden[:, 0]), state
 
