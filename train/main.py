@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> list[StageRes
 
         if jax.process_index() == 0:
             prepare_demo_data(config, workdir)
-        multihost_utils.sync_global_devices("demo data written")
+        wait_for_all_processes("demo data written")
     tokenizer = load_tokenizer(config.tokenizer.replace(WORKDIR_MARK, str(workdir)))
     results = []
     for index, name in enumerate(stage_names(config)):
@@ -108,6 +108,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> list[StageRes
         else:
             logging.info("the demo report runs in single-process runs only; rerun with one process for it")
     return results
+
+
+def wait_for_all_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing to wait for in one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def initial_params(source: str, previous_checkpoints: Path | None):
@@ -176,6 +182,7 @@ def train_stage(config, name: str, index: int, workdir: Path, tokenizer, previou
     if latest is not None and (directory / MODEL_CONFIG_FILE).is_file():
         base = ModelConfig.load(directory / MODEL_CONFIG_FILE)
     model_config = model_config_from(config, name, tokenizer_values, base)
+    wait_for_all_processes(f"{name} model config read")  # before process 0 rewrites it
     if jax.process_index() == 0:
         model_config.save(directory / MODEL_CONFIG_FILE)
     total_steps = count_steps(stage, data_config)
