@@ -1,6 +1,6 @@
 """Generation speed: prefill time and decode tokens/s at batch 1 and 8 (``wings_jax.generate``).
 
-    python -m bench.generate --config configs/bench_small.py [--method=cache|recompute] [--new_tokens=16]
+    python -m bench.generate --config configs/bench_small.py [--method=cache|recompute] [--new_tokens=64]
 
 The prompt is the benchmark's synthetic row (system prompt, one image, text) of ``config.seq_len``
 tokens. Each batch size runs once to compile, then once timed; every token is timed through
@@ -22,7 +22,7 @@ from wings_jax.generate import Sampling, generate
 from wings_jax.model import init_params
 
 METHOD = flags.DEFINE_enum("method", "auto", ["auto", "cache", "recompute"], "how each token's logits are computed")
-NEW_TOKENS = flags.DEFINE_integer("new_tokens", 16, "tokens generated per row")
+NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "tokens generated per row (the decode target's length)")
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "batch sizes to measure")
 
 
