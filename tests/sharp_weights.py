@@ -4,6 +4,8 @@ uniform and a wrong position, mask or multiplier would move outputs by less than
 import jax
 import numpy as np
 
+from wings_jax.model import init_params
+
 KERNEL_GAIN = 0.7  # sharp, yet fp32 rounding stays well under the tolerance
 
 
@@ -13,7 +15,7 @@ def sharpen(params, seed=0):
 
     def leaf(path, value):
         names = [getattr(k, "key", str(k)) for k in path]
-        shape = np.shape(value)
+        shape = tuple(value.shape)
         if names[-1] == "scale":
             return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
         if names[-1] == "bias":
@@ -26,3 +28,8 @@ def sharpen(params, seed=0):
         return (KERNEL_GAIN * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def sharp_params(config, seed=0):
+    """Sharp parameters for ``config``, drawn from the parameter shapes alone (no init compile)."""
+    return sharpen(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))), seed)

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_learners import make_batch, sharpen
+from sharp_weights import sharp_params
+from test_learners import make_batch
 
 from wings_jax.attention import MaskSpec, attention, dot_product_attention, flash_attention, resolve_backend
-from wings_jax.model import WingsModel, init_params
+from wings_jax.model import WingsModel
 from wings_jax.presets import tiny_model
 
 TOLERANCE = 1e-4
@@ -121,7 +122,7 @@ def test_stage2_model_with_flash_matches_xla():
     base = tiny_model(scan_layers=True)
     config = base.replace(wings=dataclasses.replace(base.wings, stage=2)).validate()
     batch = make_batch(config, [[4, "img", 9], [6]], seq_len=40)
-    params = sharpen(init_params(config, jax.random.PRNGKey(0)))
+    params = sharp_params(config)
 
     def loss_and_grad(backend):
         model = WingsModel(config.replace(attention_backend=backend))

@@ -2,7 +2,7 @@
 
 Full recomputation runs ``WingsModel`` over the whole sequence for every token; its logits are the
 model's, which tests/test_learners.py checks against the materialised reference. Weights are sharp
-(see test_learners.sharpen), so a wrong cache slot, mask or router column changes the logits by far
+(see sharp_weights.sharpen), so a wrong cache slot, mask or router column changes the logits by far
 more than the tolerance.
 """
 
@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_learners import config_for, make_batch, sharpen
+from sharp_weights import sharp_params
+from test_learners import config_for, make_batch
 
 from wings_jax.generate import Sampling, _choose, generate, greedy_generate
 from wings_jax.model import WingsModel, init_params
@@ -24,7 +25,7 @@ MIXED = [[2, "img", 3, "img", 2], [4, "img", 5], [7]]
 @pytest.fixture(scope="module")
 def stage2():
     config = config_for("causal", 2, max_images=2)
-    params = sharpen(init_params(config, jax.random.PRNGKey(0)))
+    params = sharp_params(config)
     return config, params, make_batch(config, MIXED, seq_len=40)
 
 
@@ -56,7 +57,7 @@ def test_cache_matches_recompute_without_image_input(stage2):
 def test_cache_matches_recompute_scanned_stage1_sampled():
     """Scanned layers (the cache stacked over layers), stage 1, and sampling with the same keys."""
     config = config_for("causal", 1).replace(scan_layers=True)
-    params = sharpen(init_params(config, jax.random.PRNGKey(2)))
+    params = sharp_params(config)
     batch = make_batch(config, [[3, "img", 4], [6]], seq_len=24)
     sampling = Sampling(max_new_tokens=STEPS, temperature=0.8, top_k=20, top_p=0.9)
     cached, full = _both_ways(config, params, batch, sampling, rng=jax.random.PRNGKey(3))

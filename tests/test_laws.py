@@ -1,14 +1,14 @@
 """MLLM-Laws masses (value-channel trick) against the materialised attention probabilities of the
 float64 reference (tests/wings_reference.py), and the shares / shift arithmetic on hand-made curves."""
 
-import jax
 import numpy as np
 import pytest
-from test_learners import config_for, make_batch, sharpen
+from sharp_weights import sharp_params
+from test_learners import config_for, make_batch
 from wings_reference import forward_attention_probs
 
 from wings_jax.laws import attention_shift, plot_laws, segment_masses, segment_shares, summarise
-from wings_jax.model import WingsModel, init_params
+from wings_jax.model import WingsModel
 
 TOLERANCE = 1e-4
 
@@ -43,7 +43,7 @@ def test_masses_match_materialised_probabilities(mode, stage, layout, max_images
     config = config_for(mode, stage, max_images)
     seq_len = max(sum(config.image_tokens if p == "img" else p for p in parts) for parts in layout) + 2
     batch = make_batch(config, layout, seq_len)
-    params = sharpen(init_params(config, jax.random.PRNGKey(0)))
+    params = sharp_params(config)
     features = WingsModel(config).apply({"params": params}, batch["pixel_values"], batch["image_valid"],
                                         method=WingsModel.encode_images)
     probs = forward_attention_probs(params, config, batch, features)

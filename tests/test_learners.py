@@ -10,11 +10,11 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from sharp_weights import sharpen
+from sharp_weights import sharp_params
 from wings_reference import forward_logits
 
 from wings_jax.batch import IMAGE_PLACEHOLDER, Sample, pack_batch
-from wings_jax.model import WingsModel, init_params
+from wings_jax.model import WingsModel
 from wings_jax.presets import tiny_model
 
 TOLERANCE = 1e-5
@@ -45,7 +45,7 @@ def make_batch(config, layout, seq_len, seed=0):
 
 
 def model_and_reference(config, batch, with_pixels=True, errors=()):
-    params = sharpen(init_params(config, jax.random.PRNGKey(0)))
+    params = sharp_params(config)
     model = WingsModel(config)
     if not with_pixels:
         batch = {k: v for k, v in batch.items() if k != "pixel_values"}
