@@ -7,25 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from tiny_checkpoint import IMAGE, write_tiny_checkpoint
+from tiny_checkpoint import IMAGE
 
 from wings_jax import chat as chat_cli
-from wings_jax.api import Assistant
 from wings_jax.generate import Sampling
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def assistant(checkpoint):
-    return Assistant.load(checkpoint)
 
 
 def _transcript(assistant, images, prompt, lines=()):

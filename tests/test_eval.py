@@ -7,22 +7,10 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_checkpoint import write_tiny_checkpoint
 
 from train import eval as eval_cli
 from wings_jax import laws as laws_cli
-from wings_jax.api import Assistant
 from wings_jax.generate import Sampling
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def assistant(checkpoint):
-    return Assistant.load(checkpoint)
 
 
 def test_answer_streams_what_it_returns(assistant, checkpoint):
