@@ -1,8 +1,9 @@
 """Streaming IO for PyTorch checkpoints: read tensors one at a time, write sharded safetensors.
 
-Reading memory-maps safetensors files (``safetensors.safe_open`` with the numpy API, which returns
-bfloat16 as ``ml_dtypes.bfloat16``) or ``pytorch_model*.bin`` files (``torch.load(mmap=True)``), so only
-the tensor being converted is resident. Writing streams each tensor's bytes into a safetensors file whose
+Reading memory-maps safetensors files (checked and described by ``safetensors.safe_open``; bfloat16 comes
+back as ``ml_dtypes.bfloat16``) and copies one tensor at a time out of the map, dropping its pages after
+each, so only the tensor being converted is resident; ``pytorch_model*.bin`` files are read with
+``torch.load(mmap=True)``. Writing streams each tensor's bytes into a safetensors file whose
 header is planned up front from the names, shapes and dtypes, so the writer never holds a shard in memory.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,10 +83,20 @@ class TensorSource:
 
 
 class _SafetensorsReader:
+    """``safe_open`` checks the file and describes its tensors; each tensor's bytes are copied out of a
+    memory map of our own whose pages are dropped once copied, since a mapping otherwise keeps every page
+    it has touched resident (a whole shard beside the converted params)."""
+
     def __init__(self, path: Path):
         self.path = path
         self._file = safe_open(str(path), framework="np")
         self._slices = {name: self._file.get_slice(name) for name in self._file.keys()}
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_size))
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._byte_ranges = {name: [8 + header_size + offset for offset in header[name]["data_offsets"]]
+                             for name in self._slices}
 
     def names(self) -> list[str]:
         return list(self._slices)
@@ -96,7 +108,13 @@ class _SafetensorsReader:
         return _NUMPY_DTYPES[self._slices[name].get_dtype()]
 
     def get(self, name: str) -> np.ndarray:
-        return self._file.get_tensor(name)
+        begin, end = self._byte_ranges[name]
+        dtype = self.dtype(name)
+        array = np.frombuffer(self._map, dtype, (end - begin) // dtype.itemsize, begin).reshape(self.shape(name)).copy()
+        if end > begin:
+            first_page = begin - begin % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, first_page, end - first_page)
+        return array
 
 
 class _TorchBinReader:

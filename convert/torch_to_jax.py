@@ -24,7 +24,6 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
@@ -170,10 +169,6 @@ def _save(flat: dict[str, np.ndarray], config: ModelConfig, torch_config: dict, 
     """The writer for ``write_atomically``: params, wings config, and the torch config for the export."""
 
     def fill(directory: Path) -> None:
-        # Orbax copies numpy leaves about twice while saving but jax arrays once: hand it jax arrays,
-        # replacing each numpy leaf in turn so that only one extra leaf exists at a time.
-        for path in flat:
-            flat[path] = jax.device_put(flat[path])
         save_params(directory, traverse_util.unflatten_dict(flat, sep="/"), config)
         (directory / TORCH_CONFIG_FILE).write_text(json.dumps(torch_config, indent=2) + "\n")
 
