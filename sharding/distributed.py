@@ -16,11 +16,8 @@ import jax
 
 logger = logging.getLogger(__name__)
 
-# Environment variables that mean "this process is one of several": a cluster JAX can detect.
-CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
 def _several_processes_expected() -> bool:
+    """Whether the environment shows a cluster JAX can detect itself (TPU pod, multi-slice, SLURM, Open MPI)."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return True
