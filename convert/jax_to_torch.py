@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import hf_config
-from convert.errors import ConversionError
+from convert.errors import ConversionError, exit_code
 from convert.name_map import TensorSpec, llm_specs, param_shapes, tensor_specs
 from convert.output import TORCH_CONFIG_FILE, check_shapes, summary, write_atomically
 from convert.torch_io import write_safetensors
@@ -145,12 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    try:
-        export(args.src, args.dst, args.format, args.max_shard_size, args.dtype, args.overwrite)
-    except ConversionError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return exit_code(lambda: export(args.src, args.dst, args.format, args.max_shard_size, args.dtype, args.overwrite))
 
 
 if __name__ == "__main__":

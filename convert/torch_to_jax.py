@@ -30,7 +30,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from convert import hf_config
-from convert.errors import ConversionError
+from convert.errors import ConversionError, exit_code
 from convert.name_map import (
     HF_SIGLIP_VISION_PREFIX,
     WINGS_VISION_PREFIX,
@@ -273,17 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.src is None) == (args.llm is None and args.vision is None) or (args.llm is None) != (args.vision is None):
         parser.error("give either --src, or both --llm and --vision")
-    try:
-        if args.src is not None:
-            convert_reference(args.src, args.dst, args.dtype, args.scan, args.vision_config, args.overwrite)
-        else:
-            assemble_stage1(args.llm, args.vision, args.dst, args.projector, args.projector_type, args.lora_dim,
-                            args.system_prompt_length, args.mask_mode, args.dtype, args.scan, args.seed,
-                            args.overwrite)
-    except ConversionError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    if args.src is not None:
+        return exit_code(lambda: convert_reference(args.src, args.dst, args.dtype, args.scan, args.vision_config,
+                                                   args.overwrite))
+    return exit_code(lambda: assemble_stage1(
+        args.llm, args.vision, args.dst, args.projector, args.projector_type, args.lora_dim,
+        args.system_prompt_length, args.mask_mode, args.dtype, args.scan, args.seed, args.overwrite))
 
 
 if __name__ == "__main__":
