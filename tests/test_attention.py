@@ -108,13 +108,15 @@ def test_cudnn_refuses_float32_with_a_clear_error():
 def test_auto_picks_by_platform_dtype_and_lengths():
     assert resolve_backend("auto", jnp.bfloat16, 1, 128, platform="gpu") == "cudnn"
     assert resolve_backend("auto", jnp.float32, 512, 512, platform="gpu") == "flash"
-    assert resolve_backend("auto", jnp.bfloat16, 512, 512, platform="tpu") == "flash"
+    assert resolve_backend("auto", jnp.bfloat16, 512, 512, platform="tpu") == "splash"
+    assert resolve_backend("auto", jnp.bfloat16, 1, 4096, platform="tpu") == "xla"  # a decode step
     assert resolve_backend("auto", jnp.float32, 64, 64, platform="cpu") == "xla"
     assert resolve_backend("auto", jnp.float32, 1, 4096, platform="cpu") == "xla"  # a decode step
     assert resolve_backend("auto", jnp.float32, 4096, 4096, platform="cpu") == "flash"
     assert resolve_backend("flash", jnp.float32, 8, 8, platform="cpu") == "flash"
-    with pytest.raises(ValueError, match="'splash' is not one of"):
-        resolve_backend("splash", jnp.float32, 8, 8)
+    assert resolve_backend("splash", jnp.float32, 8, 8, platform="cpu") == "splash"
+    with pytest.raises(ValueError, match="'pallas' is not one of"):
+        resolve_backend("pallas", jnp.float32, 8, 8)
 
 
 def test_stage2_model_with_flash_matches_xla():

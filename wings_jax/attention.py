@@ -30,10 +30,11 @@ class MaskSpec:
 # steps with one query, tiny models) the reference is cheapest. Measured on CPU (fwd + bwd, causal,
 # 8 heads of 64): flash vs xla 1.7 vs 2.3 ms at L=128, 5.3 vs 12 ms at 256, 18 vs 66 ms at 512.
 AUTO_FLASH_MIN_LENGTH = 128
-# Tile edge of the blockwise kernel by platform. On CPU, 64 measured fastest (fwd + bwd of a causal
-# L=1024 and L=4096 attention: 64 beat 32, 128, 256 and 512 by 1.1-4.7x): small tiles stay in cache
-# and skip more of the causal mask. Elsewhere (untuned) larger tiles keep the loop short.
-FLASH_BLOCKS = {"cpu": 64}
+# Tile edge of the blockwise kernel by platform. On CPU, 256 measured fastest (fwd + bwd of a causal
+# L = 1024 attention, 8 heads over 4 key/value heads: 44 ms at 256 vs 57 at 128 and 59 at 512): the tile
+# products are large enough for the matmul kernels yet skip most of the causal mask.
+# Elsewhere (untuned) larger tiles keep the loop short.
+FLASH_BLOCKS = {"cpu": 256}
 FLASH_BLOCK_DEFAULT = 512
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
 
@@ -54,13 +55,18 @@ def attention(
 
     Backends: ``xla`` (reference: materialises the (B, H, Lq, Lk) probabilities), ``flash``
     (blockwise, memory linear in the length, blockwise backward too), ``cudnn`` (GPU, bf16/fp16
-    only), ``auto`` (chosen by ``resolve_backend``).
+    only), ``splash`` (Pallas TPU kernels, interpreted off TPU: ``pallas_attention``), ``auto``
+    (chosen by ``resolve_backend``).
     """
     backend = resolve_backend(backend, q.dtype, q.shape[1], k.shape[1])
     if backend == "xla":
         return _xla_attention(q, k, v, mask, extra_values)
     if backend == "flash":
         return flash_attention(q, k, v, mask, extra_values)
+    if backend == "splash":
+        from wings_jax.pallas_attention import splash_attention  # imported here: it imports this module
+
+        return splash_attention(q, k, v, mask, extra_values)
     return dot_product_attention(q, k, v, mask, extra_values, implementation="cudnn")
 
 
@@ -75,7 +81,7 @@ def resolve_backend(backend: str, dtype, q_len: int, kv_len: int, platform: str 
         return "cudnn"
     if min(q_len, kv_len) < AUTO_FLASH_MIN_LENGTH:
         return "xla"
-    return "flash"
+    return "splash" if platform == "tpu" else "flash"
 
 
 def visibility(mask: MaskSpec) -> jnp.ndarray:
@@ -168,23 +174,36 @@ def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | N
     Query and key blocks that the mask hides entirely are skipped, forward and backward; nothing
     of size (Lq, Lk) is ever held, only (block_q, block_k) tiles. The backward pass recomputes the
     tiles from the saved log-sum-exp instead of storing probabilities.
+
+    Layout: the G query heads that share a key/value head are folded into the query rows
+    (B, KV, Lq * G, hd), and the extra value channels ride in each value head (B, KV, Lk, hd + C), so
+    that every tile product, forward and backward, is one batched matmul. Any other layout left XLA:CPU
+    transposing tiles and turning the channel sums into slow reductions (2x slower at L = 1024).
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    extra = jnp.zeros((batch, kv_len, 0), jnp.float32) if extra_values is None else extra_values
+    group = heads // kv_heads
+    channels = 0 if extra_values is None else extra_values.shape[-1]
     default = FLASH_BLOCKS.get(jax.default_backend(), FLASH_BLOCK_DEFAULT)
     block_q, block_k = min(block_q or default, q_len), min(block_k or default, kv_len)
     pad_q, pad_k = -q_len % block_q, -kv_len % block_k
-    qt = _pad_axis(q, 1, pad_q).reshape(batch, q_len + pad_q, kv_heads, heads // kv_heads, head_dim)
-    qt = qt.transpose(0, 2, 3, 1, 4)  # (B, KV, G, Lq, hd)
+    rows = _pad_axis(q, 1, pad_q).reshape(batch, q_len + pad_q, kv_heads, group, head_dim)
+    rows = rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, (q_len + pad_q) * group, head_dim)
     kt, vt = (_pad_axis(x, 1, pad_k).transpose(0, 2, 1, 3) for x in (k, v))  # (B, KV, Lk, hd)
+    if channels:
+        extra = _pad_axis(extra_values, 1, pad_k).astype(v.dtype)
+        vt = jnp.concatenate([vt, jnp.broadcast_to(extra[:, None], (*vt.shape[:3], channels))], axis=-1)
     tiles = _Tiles(
         q_index=_pad_axis(mask.q_index, 1, pad_q), kv_index=_pad_axis(mask.kv_index, 1, pad_k),
         kv_valid=_pad_axis(mask.kv_valid, 1, pad_k), causal=mask.causal, block_q=block_q, block_k=block_k,
+        group=group,
     )
-    out, routed = _flash(qt, kt, vt, _pad_axis(extra, 1, pad_k), tiles)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len + pad_q, heads, head_dim)[:, :q_len]
-    return out, None if extra_values is None else routed[:, :q_len]
+    out = _flash(rows, kt, vt, tiles)  # (B, KV, Lq * G, hd + C)
+    out = out.reshape(batch, kv_heads, q_len + pad_q, group, head_dim + channels)[:, :, :q_len]
+    attended = out[..., :head_dim].transpose(0, 2, 1, 3, 4).reshape(batch, q_len, heads, head_dim)
+    if not channels:
+        return attended, None
+    return attended, out[..., head_dim:].astype(jnp.float32).sum(axis=(1, 3))
 
 
 def _pad_axis(x, axis, amount):
@@ -195,7 +214,7 @@ def _pad_axis(x, axis, amount):
 
 @struct.dataclass
 class _Tiles:
-    """The mask, padded to whole blocks, and the block sizes."""
+    """The mask, padded to whole blocks, the block sizes, and the query heads folded into each row block."""
 
     q_index: jnp.ndarray  # (B, Lq)
     kv_index: jnp.ndarray  # (B, Lk)
@@ -203,6 +222,11 @@ class _Tiles:
     causal: bool = struct.field(pytree_node=False)
     block_q: int = struct.field(pytree_node=False)
     block_k: int = struct.field(pytree_node=False)
+    group: int = struct.field(pytree_node=False)
+
+    @property
+    def block_rows(self) -> int:
+        return self.block_q * self.group
 
     def counts(self) -> tuple[int, int]:
         return self.q_index.shape[1] // self.block_q, self.kv_index.shape[1] // self.block_k
@@ -219,14 +243,15 @@ class _Tiles:
         return (first_key[:, None, :] <= last_query[:, :, None]).any(axis=0)
 
     def visible(self, i, j) -> jnp.ndarray:
-        """(B, 1, 1, block_q, block_k) visibility of query block i to key block j."""
+        """(B, 1, block_q * group, block_k) visibility of query block i's rows to key block j."""
         q_index = jax.lax.dynamic_slice_in_dim(self.q_index, i * self.block_q, self.block_q, axis=1)
         kv_index = jax.lax.dynamic_slice_in_dim(self.kv_index, j * self.block_k, self.block_k, axis=1)
         kv_valid = jax.lax.dynamic_slice_in_dim(self.kv_valid, j * self.block_k, self.block_k, axis=1)
         seen = jnp.broadcast_to(kv_valid[:, None, :], (kv_valid.shape[0], self.block_q, self.block_k))
         if self.causal:
             seen = seen & (kv_index[:, None, :] <= q_index[:, :, None])
-        return seen[:, None, None]
+        seen = jnp.broadcast_to(seen[:, :, None], (seen.shape[0], self.block_q, self.group, self.block_k))
+        return seen.reshape(seen.shape[0], 1, self.block_rows, self.block_k)
 
 
 def _block(x, index, size, axis):
@@ -236,30 +261,29 @@ def _block(x, index, size, axis):
 def _tile_scores(q_blk, k_blk, visible):
     """Scaled scores of one tile in float32, hidden entries set to a huge negative number."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q_blk.shape[-1]))
-    scores = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(visible, scores, _NEG)
-    return scores
+    scores = jnp.einsum("bkrd,bksd->bkrs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    return jnp.where(visible, scores, _NEG)
 
 
 @jax.custom_vjp
-def _flash(qt, kt, vt, extra, tiles: _Tiles):
-    return _flash_forward(qt, kt, vt, extra, tiles)[0]
+def _flash(rows, kt, vt, tiles: _Tiles):
+    return _flash_forward(rows, kt, vt, tiles)[0]
 
 
-def _flash_forward(qt, kt, vt, extra, tiles: _Tiles):
-    """qt (B, KV, G, Lq, hd), kt/vt (B, KV, Lk, hd), extra (B, Lk, C) -> (out like qt, routed (B, Lq, C) f32),
-    and the residuals: per-head routed sums and the log-sum-exp (B, KV, G, Lq)."""
+def _flash_forward(rows, kt, vt, tiles: _Tiles):
+    """rows (B, KV, Lq * G, hd), kt (B, KV, Lk, hd), vt (B, KV, Lk, hd + C) -> out (B, KV, Lq * G, hd + C)
+    in the rows' dtype, and the residuals with the log-sum-exp (B, KV, Lq * G)."""
     n_q, n_k = tiles.counts()
     live = tiles.live()
-    bq, bk = tiles.block_q, tiles.block_k
+    r, bk = tiles.block_rows, tiles.block_k
 
     def query_block(i):
-        q_blk = _block(qt, i, bq, 3)
+        q_blk = _block(rows, i, r, 2)
         shape = q_blk.shape[:-1]
 
         def key_block(j, carry):
             def update(carry):
-                row_max, denom, acc, acc_extra = carry
+                row_max, denom, acc = carry
                 visible = tiles.visible(i, j)
                 scores = _tile_scores(q_blk, _block(kt, j, bk, 2), visible)
                 new_max = jnp.maximum(row_max, scores.max(axis=-1))
@@ -267,32 +291,27 @@ def _flash_forward(qt, kt, vt, extra, tiles: _Tiles):
                 rescale = jnp.exp(row_max - new_max)
                 denom = rescale * denom + probs.sum(axis=-1)
                 acc = rescale[..., None] * acc + jnp.einsum(
-                    "bkgqs,bksd->bkgqd", probs.astype(vt.dtype), _block(vt, j, bk, 2),
+                    "bkrs,bksd->bkrd", probs.astype(vt.dtype), _block(vt, j, bk, 2),
                     preferred_element_type=jnp.float32)
-                acc_extra = rescale[..., None] * acc_extra + jnp.einsum(
-                    "bkgqs,bsc->bkgqc", probs, _block(extra, j, bk, 1).astype(jnp.float32))
-                return new_max, denom, acc, acc_extra
+                return new_max, denom, acc
 
             return jax.lax.cond(live[i, j], update, lambda c: c, carry)
 
         init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros((*shape, qt.shape[-1]), jnp.float32), jnp.zeros((*shape, extra.shape[-1]), jnp.float32))
-        row_max, denom, acc, acc_extra = _while(n_k, key_block, init)
+                jnp.zeros((*shape, vt.shape[-1]), jnp.float32))
+        row_max, denom, acc = _while(n_k, key_block, init)
         seen = denom > 0
         inverse = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)[..., None]
         lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
-        return (acc * inverse).astype(qt.dtype), acc_extra * inverse, lse
+        return (acc * inverse).astype(rows.dtype), lse
 
     def store(i, outputs):
-        return tuple(jax.lax.dynamic_update_slice_in_dim(full, part, i * bq, axis=3)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(full, part, i * r, axis=2)
                      for full, part in zip(outputs, query_block(i), strict=True))
 
-    rows = qt.shape[:-1]
-    outputs = (jnp.zeros(qt.shape, qt.dtype), jnp.zeros((*rows, extra.shape[-1]), jnp.float32),
-               jnp.zeros(rows, jnp.float32))
-    out, per_head_extra, lse = _while(n_q, store, outputs)
-    routed = per_head_extra.sum(axis=(1, 2))  # (B, Lq, C)
-    return (out, routed), (qt, kt, vt, extra, tiles, out, per_head_extra, lse)
+    outputs = (jnp.zeros((*rows.shape[:-1], vt.shape[-1]), rows.dtype), jnp.zeros(rows.shape[:-1], jnp.float32))
+    out, lse = _while(n_q, store, outputs)
+    return out, (rows, kt, vt, tiles, out, lse)
 
 
 def _while(count: int, body, init):
@@ -309,54 +328,49 @@ def _unblock(x, axis):
     return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
 
 
-def _flash_fwd(qt, kt, vt, extra, tiles):
-    return _flash_forward(qt, kt, vt, extra, tiles)
+def _flash_fwd(rows, kt, vt, tiles):
+    return _flash_forward(rows, kt, vt, tiles)
 
 
-def _flash_bwd(residuals, cotangents):
-    qt, kt, vt, extra, tiles, out, per_head_extra, lse = residuals
-    d_out, d_routed = cotangents  # (B, KV, G, Lq, hd), (B, Lq, C)
-    d_out = d_out.astype(jnp.float32)
-    d_routed = d_routed.astype(jnp.float32)
-    # softmax backward: dS = P * (dP - rowsum(dO_all * O_all)) with the routed channels as extra values
-    delta = (d_out * out.astype(jnp.float32)).sum(-1) + jnp.einsum("bkgqc,bqc->bkgq", per_head_extra, d_routed)
+def _flash_bwd(residuals, d_out):
+    rows, kt, vt, tiles, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)  # (B, KV, Lq * G, hd + C): the extra channels' cotangents included
+    # softmax backward: dS = P * (dP - rowsum(dO * O)), over the values and the riding channels alike
+    # (an einsum: XLA:CPU ran the same multiply-and-sum as a reduction 10x slower)
+    delta = jnp.einsum("bkrd,bkrd->bkr", d_out, out.astype(jnp.float32))
     n_q, n_k = tiles.counts()
     live = tiles.live()
-    bq, bk = tiles.block_q, tiles.block_k
-    scale = 1.0 / jnp.sqrt(jnp.float32(qt.shape[-1]))
+    r, bk = tiles.block_rows, tiles.block_k
+    scale = 1.0 / jnp.sqrt(jnp.float32(rows.shape[-1]))
 
     def key_block(d_q, j):
-        k_blk, v_blk, e_blk = _block(kt, j, bk, 2), _block(vt, j, bk, 2), _block(extra, j, bk, 1)
-        e_blk = e_blk.astype(jnp.float32)
+        k_blk, v_blk = _block(kt, j, bk, 2), _block(vt, j, bk, 2)
 
         def query_block(i, carry):
             def update(carry):
-                d_q, d_k, d_v, d_e = carry
-                q_blk, do_blk, dr_blk = _block(qt, i, bq, 3), _block(d_out, i, bq, 3), _block(d_routed, i, bq, 1)
+                d_q, d_k, d_v = carry
+                q_blk, do_blk = _block(rows, i, r, 2), _block(d_out, i, r, 2)
                 visible = tiles.visible(i, j)
                 scores = _tile_scores(q_blk, k_blk, visible)
-                probs = jnp.where(visible, jnp.exp(scores - _block(lse, i, bq, 3)[..., None]), 0.0)
-                d_v = d_v + jnp.einsum("bkgqs,bkgqd->bksd", probs, do_blk)
-                d_e = d_e + jnp.einsum("bkgqs,bqc->bsc", probs, dr_blk)
-                d_probs = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk.astype(jnp.float32))
-                d_probs = d_probs + jnp.einsum("bqc,bsc->bqs", dr_blk, e_blk)[:, None, None]
-                d_scores = probs * (d_probs - _block(delta, i, bq, 3)[..., None]) * scale
-                d_q_blk = _block(d_q, i, bq, 3) + jnp.einsum("bkgqs,bksd->bkgqd", d_scores, k_blk,
-                                                              preferred_element_type=jnp.float32)
-                d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_blk, i * bq, axis=3)
-                d_k = d_k + jnp.einsum("bkgqs,bkgqd->bksd", d_scores, q_blk, preferred_element_type=jnp.float32)
-                return d_q, d_k, d_v, d_e
+                probs = jnp.where(visible, jnp.exp(scores - _block(lse, i, r, 2)[..., None]), 0.0)
+                d_v = d_v + jnp.einsum("bkrs,bkrd->bksd", probs, do_blk)
+                d_probs = jnp.einsum("bkrd,bksd->bkrs", do_blk, v_blk, preferred_element_type=jnp.float32)
+                d_scores = probs * (d_probs - _block(delta, i, r, 2)[..., None]) * scale
+                d_q_blk = _block(d_q, i, r, 2) + jnp.einsum("bkrs,bksd->bkrd", d_scores, k_blk,
+                                                             preferred_element_type=jnp.float32)
+                d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_blk, i * r, axis=2)
+                d_k = d_k + jnp.einsum("bkrs,bkrd->bksd", d_scores, q_blk, preferred_element_type=jnp.float32)
+                return d_q, d_k, d_v
 
             return jax.lax.cond(live[i, j], update, lambda c: c, carry)
 
-        zeros = jnp.zeros(k_blk.shape, jnp.float32)
-        init = (d_q, zeros, zeros, jnp.zeros(e_blk.shape, jnp.float32))
-        d_q, d_k, d_v, d_e = jax.lax.fori_loop(0, n_q, query_block, init)
-        return d_q, (d_k, d_v, d_e)
+        init = (d_q, jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
+        d_q, d_k, d_v = jax.lax.fori_loop(0, n_q, query_block, init)
+        return d_q, (d_k, d_v)
 
-    d_q, (d_k, d_v, d_e) = jax.lax.scan(key_block, jnp.zeros(qt.shape, jnp.float32), jnp.arange(n_k))
-    d_k, d_v, d_e = _unblock(d_k, 2), _unblock(d_v, 2), _unblock(d_e, 1)
-    return d_q.astype(qt.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), d_e.astype(extra.dtype), None
+    d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(rows.shape, jnp.float32), jnp.arange(n_k))
+    d_k, d_v = _unblock(d_k, 2), _unblock(d_v, 2)
+    return d_q.astype(rows.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

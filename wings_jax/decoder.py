@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.config import ModelConfig
+from wings_jax.dense import TokenDense
 from wings_jax.kv_cache import CACHE, NEW_ENTRIES, attend_with_cache
 from wings_jax.lorra import LearnerSource, LoRRA, Router
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
@@ -18,7 +19,7 @@ from wings_jax.rope import apply_rope, inverse_frequencies
 
 
 def _dense(features, in_axis, out_axis, dtype, param_dtype, name, use_bias=False, init_std=0.02):
-    return nn.Dense(
+    return TokenDense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), (in_axis, out_axis)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
@@ -34,9 +35,11 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
                            self.param_dtype)
-        x32 = x.astype(jnp.float32)
+        # Over (tokens, d) rather than (B, L, d): the same reason as ``TokenDense`` (XLA:CPU's backward
+        # of the 3-D form, the scale's gradient above all, ran 2.8x slower).
+        x32 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        return (scale.astype(self.dtype) * normed.astype(self.dtype)).reshape(x.shape)
 
 
 class LayerInputs(NamedTuple):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from wings_jax.attention import MaskSpec, attention
+from wings_jax.dense import TokenDense
 from wings_jax.kv_cache import attend_with_cache
 from wings_jax.rope import apply_rope, inverse_frequencies
 
@@ -48,7 +49,7 @@ class LoRRA(nn.Module):
     backend: str = "xla"
 
     def _factor(self, name: str, x: jnp.ndarray, in_axis: str, out_axis: str, features: int, init) -> jnp.ndarray:
-        return nn.Dense(
+        return TokenDense(
             features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=nn.with_logical_partitioning(init, (in_axis, out_axis)),
         )(x)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from wings_jax.config import ProjectorConfig
+from wings_jax.dense import TokenDense
 
 Dtype = Any
 
@@ -41,7 +42,7 @@ class Projector(nn.Module):
             if i > 0:
                 x = nn.gelu(x, approximate=False)
             in_axis = "vit_embed" if i == 0 else "mlp"  # the (d, d) layers cannot name 'embed' twice
-            x = nn.Dense(
+            x = TokenDense(
                 self.out_dim,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.config import VisionConfig
+from wings_jax.dense import TokenDense
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
 
 Dtype = Any
@@ -24,9 +25,9 @@ Dtype = Any
 _ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+def _dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype) -> TokenDense:
     """A Dense with bias whose kernel has logical axes ``axes`` (in, out) and bias the output axis."""
-    return nn.Dense(
+    return TokenDense(
         features,
         dtype=dtype,
         param_dtype=param_dtype,
