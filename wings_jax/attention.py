@@ -94,12 +94,39 @@ def visibility(mask: MaskSpec) -> jnp.ndarray:
 
 
 def _xla_attention(q, k, v, mask, extra_values):
+    """The reference: materialised probabilities, in the layout of the blockwise kernel (query heads of a
+    group folded into rows, extra channels riding in the values), whose products XLA runs as batched
+    matmuls (the (B, Lq, KV, G) layout cost 4x on CPU, in transposes and channel reductions)."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    probs = _masked_softmax(jnp.einsum("bqkgd,bskd->bkgqs", q, k) / jnp.sqrt(head_dim).astype(q.dtype), mask)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(batch, q_len, heads, head_dim)
-    return out, _routed(probs, extra_values)
+    group = heads // kv_heads
+    rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, kv_heads, group * q_len, head_dim)
+    kt, vt = k.transpose(0, 2, 1, 3), _ride_along(v.transpose(0, 2, 1, 3), extra_values)
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows, kt, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, group, q_len, -1) / jnp.sqrt(jnp.float32(head_dim))
+    probs = _masked_softmax(scores, mask).reshape(batch, kv_heads, group * q_len, -1)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    return _split_rows(out.reshape(batch, kv_heads, group, q_len, -1), head_dim, q.dtype, group_axis=2)
+
+
+def _ride_along(vt, extra_values):
+    """Values (B, KV, Lk, hd) with the extra channels (B, Lk, C) appended to every head, in the values' dtype."""
+    if extra_values is None:
+        return vt
+    channels = jnp.broadcast_to(extra_values[:, None].astype(vt.dtype), (*vt.shape[:3], extra_values.shape[-1]))
+    return jnp.concatenate([vt, channels], axis=-1)
+
+
+def _split_rows(out, head_dim: int, dtype, group_axis: int):
+    """(B, KV, ..., hd + C) outputs with the group and query axes among ``...`` -> the attention output
+    (B, Lq, H, hd) and the extra channels summed over heads (B, Lq, C) float32, or None without channels."""
+    query_axis = 3 if group_axis == 2 else 2
+    attended = jnp.moveaxis(out[..., :head_dim], (query_axis, 1, group_axis), (1, 2, 3))
+    attended = attended.reshape(*attended.shape[:2], -1, head_dim).astype(dtype)
+    if out.shape[-1] == head_dim:
+        return attended, None
+    return attended, out[..., head_dim:].astype(jnp.float32).sum(axis=(1, group_axis))
 
 
 def _masked_softmax(scores, mask: MaskSpec):
@@ -183,27 +210,21 @@ def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | N
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    channels = 0 if extra_values is None else extra_values.shape[-1]
     default = FLASH_BLOCKS.get(jax.default_backend(), FLASH_BLOCK_DEFAULT)
     block_q, block_k = min(block_q or default, q_len), min(block_k or default, kv_len)
     pad_q, pad_k = -q_len % block_q, -kv_len % block_k
     rows = _pad_axis(q, 1, pad_q).reshape(batch, q_len + pad_q, kv_heads, group, head_dim)
     rows = rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, (q_len + pad_q) * group, head_dim)
     kt, vt = (_pad_axis(x, 1, pad_k).transpose(0, 2, 1, 3) for x in (k, v))  # (B, KV, Lk, hd)
-    if channels:
-        extra = _pad_axis(extra_values, 1, pad_k).astype(v.dtype)
-        vt = jnp.concatenate([vt, jnp.broadcast_to(extra[:, None], (*vt.shape[:3], channels))], axis=-1)
+    vt = _ride_along(vt, None if extra_values is None else _pad_axis(extra_values, 1, pad_k))
     tiles = _Tiles(
         q_index=_pad_axis(mask.q_index, 1, pad_q), kv_index=_pad_axis(mask.kv_index, 1, pad_k),
         kv_valid=_pad_axis(mask.kv_valid, 1, pad_k), causal=mask.causal, block_q=block_q, block_k=block_k,
         group=group,
     )
     out = _flash(rows, kt, vt, tiles)  # (B, KV, Lq * G, hd + C)
-    out = out.reshape(batch, kv_heads, q_len + pad_q, group, head_dim + channels)[:, :, :q_len]
-    attended = out[..., :head_dim].transpose(0, 2, 1, 3, 4).reshape(batch, q_len, heads, head_dim)
-    if not channels:
-        return attended, None
-    return attended, out[..., head_dim:].astype(jnp.float32).sum(axis=(1, 3))
+    out = out.reshape(batch, kv_heads, q_len + pad_q, group, vt.shape[-1])[:, :, :q_len]
+    return _split_rows(out, head_dim, q.dtype, group_axis=3)
 
 
 def _pad_axis(x, axis, amount):
