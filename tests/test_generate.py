@@ -13,6 +13,7 @@ import pytest
 from sharp_weights import sharp_params
 from test_learners import config_for, make_batch
 
+from wings_jax import generate as generate_module
 from wings_jax.generate import Sampling, _choose, generate, greedy_generate
 from wings_jax.model import WingsModel, init_params
 
@@ -63,6 +64,88 @@ def test_cache_matches_recompute_scanned_stage1_sampled():
     cached, full = _both_ways(config, params, batch, sampling, rng=jax.random.PRNGKey(3))
     np.testing.assert_array_equal(cached.tokens, full.tokens)
     np.testing.assert_allclose(cached.logits, full.logits, atol=TOLERANCE, rtol=0)
+
+
+def test_cache_matches_recompute_inside_the_system_prompt(stage2):
+    """Prompts shorter than the system prompt: their first new tokens are no textual learner keys (they take
+    no slot of its packed cache), the later ones are; also one-token prompts (a one-query prefill)."""
+    config, params, _ = stage2
+    assert config.wings.system_prompt_length == 3
+    one_token = {k: v for k, v in make_batch(config, [[1], [1]], seq_len=1).items() if k != "pixel_values"}
+    for batch in (make_batch(config, [[1], [2, "img", 1], [2]], seq_len=20), one_token):
+        cached, full = _both_ways(config, params, batch, Sampling(max_new_tokens=STEPS))
+        np.testing.assert_array_equal(cached.tokens, full.tokens)
+        np.testing.assert_allclose(cached.logits, full.logits, atol=TOLERANCE, rtol=0)
+
+
+def test_textual_cache_without_spare_slots(stage2, monkeypatch):
+    """The textual learner's cache sized to exactly what the prompts' keys and the new tokens need."""
+    config, params, batch = stage2
+    monkeypatch.setattr(generate_module, "TEXT_CACHE_ROUNDING", 1)
+    lengths = []
+    real_prefill = generate_module._prefill
+    monkeypatch.setattr(generate_module, "_prefill", lambda *args: lengths.append(args[-1]) or real_prefill(*args))
+    cached, full = _both_ways(config, params, batch, Sampling(max_new_tokens=STEPS))
+    # textual keys (text past the 3-token system prompt) per row: 3 + 2, 1 + 5, 4
+    assert lengths == [6 + STEPS]
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    np.testing.assert_allclose(cached.logits, full.logits, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("decode_chunk", [1, 2])
+def test_decode_chunks_give_the_same_generation(stage2, decode_chunk):
+    """Decode steps run ``decode_chunk`` at a time on the device: rows that stop inside a chunk or at its end,
+    and the streaming callback, are as with one chunk for everything."""
+    config, params, batch = stage2
+    free = generate(config, params, batch, Sampling(max_new_tokens=STEPS))
+    sampling = Sampling(max_new_tokens=STEPS, stop_tokens=(int(free.tokens[0, 2]), int(free.tokens[1, 3])))
+    runs = []
+    for chunk in (decode_chunk, STEPS):
+        seen = []
+        stream = lambda step, tokens, done, seen=seen: seen.append((step, tokens.copy(), done.copy()))
+        runs.append((generate(config, params, batch, sampling, return_logits=True, decode_chunk=chunk,
+                              on_token=stream), seen))
+    (chunked, chunked_seen), (whole, whole_seen) = runs
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_array_equal(chunked.num_tokens, whole.num_tokens)
+    np.testing.assert_array_equal(chunked.logits, whole.logits)
+    assert [step for step, *_ in chunked_seen] == list(range(len(whole_seen)))
+    for (_, tokens, done), (_, whole_tokens, whole_done) in zip(chunked_seen, whole_seen, strict=True):
+        np.testing.assert_array_equal(tokens, whole_tokens)
+        np.testing.assert_array_equal(done, whole_done)
+    assert (chunked.num_tokens[:2] < STEPS).all()  # rows did stop early
+
+
+def test_decode_reads_weights_and_caches_in_place(stage2):
+    """The compiled decode loop copies no layer weights and no caches: scanned layers (weights sliced per
+    layer), a cache read before its in-place write or laid out unlike its products would all copy them at
+    every step (wings_jax.kv_cache); on CPU, whose layouts the cache's were chosen for."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the cache layouts are chosen for XLA:CPU")
+    config, params, batch = stage2
+    config = config.replace(scan_layers=True)
+    stacked = sharp_params(config)
+    for rows in (1, 3):
+        sampling = generate_module._Chooser.of(Sampling(max_new_tokens=STEPS))
+        row_batch = {key: value[:rows] for key, value in batch.items()}
+        logits, cache, state = generate_module._prefill(config, stacked, row_batch, 47, 39)
+        carry = generate_module._Decoding(cache, state, jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool),
+                                          jax.random.PRNGKey(0))
+        decoder = generate_module._unstack_params(stacked["decoder"], config.text.num_layers)
+        hlo = generate_module._decode_chunk.lower(
+            config.replace(scan_layers=False), sampling, 4, False, {"decoder": decoder}, carry, jnp.int32(4),
+        ).compile().as_text()
+        shapes = {_hlo_shape(x) for x in jax.tree_util.tree_leaves((cache, decoder)) if x.ndim >= 2}
+        assert {_hlo_shape(x) for x in jax.tree_util.tree_leaves(cache)} & {f"f32[{rows * 2},47,16]"}
+        copies = [line.strip() for line in hlo.splitlines()
+                  if any(f"= {shape}{{" in line for shape in shapes) and (" copy(" in line or "%copy" in line
+                                                                         or "dynamic-slice" in line)]
+        assert not copies, f"batch {rows}: " + "\n".join(copies[:5])
+
+
+def _hlo_shape(x) -> str:
+    assert x.dtype == jnp.float32
+    return f"f32[{','.join(map(str, x.shape))}]"
 
 
 def test_first_token_logits_equal_model_logits(stage2):

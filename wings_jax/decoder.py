@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.config import ModelConfig
 from wings_jax.dense import TokenDense
-from wings_jax.kv_cache import CACHE, NEW_ENTRIES, attend_with_cache
+from wings_jax.kv_cache import CACHE, attend_with_cache
 from wings_jax.lorra import LearnerSource, LoRRA, Router
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
 from wings_jax.rope import apply_rope, inverse_frequencies
@@ -200,7 +200,7 @@ class Decoder(nn.Module):
         layer_cls = maybe_remat(DecoderLayer, self.config.remat_policy, scanned=self.config.scan_layers)
         if self.config.scan_layers:
             scanned = nn.scan(
-                layer_cls, variable_axes={"params": 0, CACHE: 0, NEW_ENTRIES: 0}, split_rngs={"params": True},
+                layer_cls, variable_axes={"params": 0, CACHE: 0}, split_rngs={"params": True},
                 in_axes=nn.broadcast, length=text.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )
             self.layers = scanned(self.config, has_learners=self.config.wings.enabled, **flags)

@@ -3,9 +3,12 @@
 Two ways to compute each new token's logits, with the same sampling on top:
 
 - ``cache`` (``causal`` mask mode): one prefill over the right-padded prompts fills static-size KV
-  caches (main attention, textual learner, visual learner; ``wings_jax.kv_cache``), then a jitted
-  decode step appends one token per row: the textual learner's keys grow with each token, the visual
-  learner's stay those of the prompt's images, and the router runs at every step.
+  caches (main attention, textual learner, visual learner; ``wings_jax.kv_cache``) and chooses the
+  first token; then decode steps append one token per row: the textual learner's keys grow with each
+  token, the visual learner's stay those of the prompt's images, and the router runs at every step.
+  The steps run on the device, ``decode_chunk`` of them per call (a while loop that also chooses the
+  tokens and stops once every row is done), with the layers unrolled over per-layer weight and cache
+  buffers, the caches updated in place (``wings_jax.kv_cache`` says why).
 - ``recompute``: the whole sequence (a static buffer of the cache length) runs through the model for
   every new token. This is how ``reference`` mask mode generates: there the textual learner's keys, its
   padding rows and the visual multiplier depend on the whole sequence and on the other rows of the
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wings_jax.config import ModelConfig
-from wings_jax.kv_cache import CACHE, NEW_ENTRIES, write_new_entries
+from wings_jax.kv_cache import CACHE, DecodeState, unstack_layers
 from wings_jax.model import WingsModel
 
 METHODS = ("auto", "cache", "recompute")
@@ -67,6 +70,10 @@ class Sampling:
         return self.stop_tokens[0] if self.stop_tokens else 0
 
 
+DECODE_CHUNK = 16  # decode steps per device call: on_token sees the tokens in bursts of this many
+TEXT_CACHE_ROUNDING = 128
+
+
 class Generation(NamedTuple):
     tokens: np.ndarray  # (B, max_new_tokens) int32; after a row's stop token, ``Sampling.fill_token``
     num_tokens: np.ndarray  # (B,) tokens generated per row, its stop token included
@@ -82,13 +89,19 @@ def generate(
     method: str = "auto",
     return_logits: bool = False,
     on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    decode_chunk: int = DECODE_CHUNK,
 ) -> Generation:
     """Continue every prompt of ``batch`` (``wings_jax.batch`` format; a batch without ``pixel_values``
     means no image was passed) by up to ``sampling.max_new_tokens`` tokens.
 
     ``method``: 'cache', 'recompute' or 'auto' (cache in causal mask mode, recompute in reference mode).
     ``rng``: needed when ``sampling.temperature > 0``. ``on_token(step, tokens (B,), done (B,))`` is
-    called after every step, for streaming. Stops early once every row is done.
+    called for every step, in order, for streaming: right after the first token, then as each chunk of
+    ``decode_chunk`` steps comes back from the device (cache method; 1 gives every token as soon as it
+    exists, at some cost per token). Stops early once every row is done.
+
+    The cache method decodes with each layer's weights in buffers of their own: with scanned layers
+    (``config.scan_layers``) it copies the decoder's weights for the duration of the call.
     """
     sampling.validate()
     if method not in METHODS:
@@ -97,6 +110,8 @@ def generate(
         method = "cache" if config.wings.mask_mode == "causal" else "recompute"
     if sampling.temperature > 0 and rng is None:
         raise ValueError(f"sampling with temperature={sampling.temperature} needs an rng key")
+    if decode_chunk < 1:
+        raise ValueError(f"decode_chunk={decode_chunk} must be >= 1")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     config = config.replace(remat_policy="none")  # no backward pass: nothing to rematerialise
     lengths = np.asarray(batch["attention_mask"]).sum(axis=1).astype(np.int32)
@@ -107,9 +122,13 @@ def generate(
     if config.wings.enabled and config.wings.stage == 2 and cache_length > config.wings.router_positions:
         raise ValueError(f"prompt + max_new_tokens needs {cache_length} positions, more than the router's "
                          f"wings.router_positions={config.wings.router_positions}")
-    step = _cached_steps(config, params, batch, cache_length) if method == "cache" else _recompute_steps(
-        config, params, batch, lengths, cache_length)
-    return _decode_loop(step, lengths.shape[0], sampling, rng, return_logits, on_token)
+    record = _Record(lengths.shape[0], sampling, return_logits, on_token)
+    if method == "cache":
+        text_cache_length = _text_cache_length(config, batch, cache_length, sampling.max_new_tokens)
+        _cached_generation(config, params, batch, cache_length, text_cache_length, sampling, rng, decode_chunk, record)
+    else:
+        _recomputed_generation(config, params, batch, lengths, cache_length, sampling, rng, record)
+    return record.result()
 
 
 def greedy_generate(model: WingsModel, params, batch: dict, max_new_tokens: int, eos_id: int) -> np.ndarray:
@@ -119,79 +138,162 @@ def greedy_generate(model: WingsModel, params, batch: dict, max_new_tokens: int,
     return generate(model.config, params, batch, sampling).tokens
 
 
-def _decode_loop(step, batch_size: int, sampling: Sampling, rng, return_logits: bool, on_token) -> Generation:
-    """Choose a token from the current logits, feed it back, until ``max_new_tokens`` or every row is done.
+class _Record:
+    """The tokens chosen so far, on the host, and the streaming callback."""
 
-    ``step(None)`` gives the prompts' next-token logits; ``step(tokens)`` appends tokens and gives the next.
-    """
-    stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
-    tokens = np.full((batch_size, sampling.max_new_tokens), sampling.fill_token, np.int32)
-    done = np.zeros(batch_size, bool)
-    num_tokens = np.zeros(batch_size, np.int32)
-    seen_logits = []
-    logits = step(None)
-    for i in range(sampling.max_new_tokens):
+    def __init__(self, batch_size: int, sampling: Sampling, return_logits: bool, on_token):
+        self.tokens = np.full((batch_size, sampling.max_new_tokens), sampling.fill_token, np.int32)
+        self.num_tokens = np.zeros(batch_size, np.int32)
+        self.done = np.zeros(batch_size, bool)
+        self.logits = [] if return_logits else None
+        self.on_token = on_token
+        self.steps = 0
+
+    def add(self, tokens: np.ndarray, done: np.ndarray, logits: np.ndarray | None) -> None:
+        """One step: each row's token (the fill token for rows already done), which rows are done after it,
+        and the logits the tokens were chosen from."""
+        self.tokens[:, self.steps] = tokens
+        self.num_tokens += ~self.done
+        self.done = done
+        if self.logits is not None:
+            self.logits.append(logits)
+        if self.on_token is not None:
+            self.on_token(self.steps, tokens, done)
+        self.steps += 1
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all()) or self.steps == self.tokens.shape[1]
+
+    def result(self) -> Generation:
+        logits = None if self.logits is None else np.stack(self.logits, axis=1)
+        return Generation(tokens=self.tokens, num_tokens=self.num_tokens, logits=logits)
+
+
+class _Chooser(NamedTuple):
+    """What choosing a token needs of ``Sampling`` (a static argument: no recompiling per max_new_tokens)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_tokens: tuple[int, ...]
+    fill_token: int
+
+    @classmethod
+    def of(cls, sampling: Sampling) -> _Chooser:
+        return cls(sampling.temperature, sampling.top_k, sampling.top_p, sampling.stop_tokens or (-1,),
+                   sampling.fill_token)
+
+    def __call__(self, logits, rng, done):
+        """Next tokens (B,) int32 from ``logits`` (rows already ``done`` get the fill token), which rows are
+        done after them, and the rng for the next step."""
         rng, key = jax.random.split(rng)
-        if return_logits:
-            seen_logits.append(np.asarray(logits))
-        chosen = np.asarray(_choose(logits, key, sampling.temperature, sampling.top_k, sampling.top_p))
-        chosen = np.where(done, sampling.fill_token, chosen).astype(np.int32)
-        tokens[:, i] = chosen
-        num_tokens += ~done
-        done = done | np.isin(chosen, np.asarray(stop))
-        if on_token is not None:
-            on_token(i, chosen, done)
-        if done.all() or i + 1 == sampling.max_new_tokens:
-            break
-        logits = step(jnp.asarray(chosen))
-    stacked = np.stack(seen_logits, axis=1) if return_logits else None
-    return Generation(tokens=tokens, num_tokens=num_tokens, logits=stacked)
+        chosen = _choose(logits, key, self.temperature, self.top_k, self.top_p)
+        chosen = jnp.where(done, self.fill_token, chosen).astype(jnp.int32)
+        return chosen, done | jnp.isin(chosen, jnp.asarray(self.stop_tokens, jnp.int32)), rng
 
 
-def _cached_steps(config: ModelConfig, params, batch: dict, cache_length: int):
-    """The step function of the KV-cache path (see ``_decode_loop``)."""
-    carry = {}
-
-    def step(tokens):
-        if tokens is None:
-            logits, carry["cache"], carry["state"] = _prefill(config, params, dict(batch), cache_length)
-        else:
-            logits, carry["cache"], carry["state"] = _decode(config, params, carry["cache"], carry["state"], tokens)
-        return logits
-
-    return step
+@functools.partial(jax.jit, static_argnames=("chooser",))
+def _pick(chooser: _Chooser, logits, rng, done):
+    return chooser(logits, rng, done)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_length"))
-def _prefill(config: ModelConfig, params, batch: dict, cache_length: int):
+class _Decoding(NamedTuple):
+    """What a decode step carries to the next: the caches and their state, the last chosen tokens."""
+
+    cache: dict
+    state: DecodeState
+    tokens: jnp.ndarray  # (B,) int32
+    done: jnp.ndarray  # (B,) bool
+    rng: jax.Array
+
+
+def _text_cache_length(config: ModelConfig, batch: dict, cache_length: int, max_new_tokens: int) -> int:
+    """Slots for the textual learner's keys (``WingsModel.prefill``): each row's prompt keys and new tokens,
+    rounded up to ``TEXT_CACHE_ROUNDING`` (fewer distinct shapes to compile), at most ``cache_length``."""
+    keys = (np.asarray(batch["attention_mask"], bool) & ~np.asarray(batch["image_mask"], bool)
+            & (np.asarray(batch["positions"]) >= config.wings.system_prompt_length)).sum(axis=1)
+    needed = int(keys.max()) + max_new_tokens
+    return min(cache_length, -(-needed // TEXT_CACHE_ROUNDING) * TEXT_CACHE_ROUNDING)
+
+
+def _cached_generation(config: ModelConfig, params, batch: dict, cache_length: int, text_cache_length: int,
+                       sampling: Sampling, rng, decode_chunk: int, record: _Record) -> None:
+    chooser = _Chooser.of(sampling)
+    logits, cache, state = _prefill(config, params, dict(batch), cache_length, text_cache_length)
+    tokens, done, rng = _pick(chooser, logits, rng, jnp.zeros(logits.shape[:1], bool))
+    decoder = params["decoder"]
+    if "layers" in decoder and sampling.max_new_tokens > 1:
+        # scanned: every layer's weights in buffers of their own (kv_cache.unstack_layers); dispatched before
+        # the first token is waited for, so that it runs right after the prefill
+        decoder = _unstack_params(decoder, config.text.num_layers)
+    record.add(np.asarray(tokens), np.asarray(done), None if record.logits is None else np.asarray(logits))
+    carry = _Decoding(cache, state, tokens, done, rng)
+    decode_config = config.replace(scan_layers=False)
+    while not record.finished:
+        left = jnp.int32(record.tokens.shape[1] - record.steps)
+        count, carry, tokens, done, logits = _decode_chunk(decode_config, chooser, decode_chunk,
+                                                           record.logits is not None, {"decoder": decoder}, carry, left)
+        count, tokens, done = int(count), np.asarray(tokens), np.asarray(done)
+        logits = None if logits is None else np.asarray(logits)
+        for step in range(count):
+            record.add(tokens[step], done[step], None if logits is None else logits[step])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_length", "text_cache_length"))
+def _prefill(config: ModelConfig, params, batch: dict, cache_length: int, text_cache_length: int):
+    """The prompts' last logits, caches and ``DecodeState``; the caches of unrolled layers
+    (``kv_cache.unstack_layers``)."""
     (logits, state), variables = WingsModel(config).apply(
-        {"params": params}, batch, cache_length, method=WingsModel.prefill, mutable=["cache"])
-    return logits, variables["cache"], state
+        {"params": params}, batch, cache_length, text_cache_length, method=WingsModel.prefill, mutable=[CACHE])
+    return logits, unstack_layers(variables[CACHE], config.text.num_layers), state
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _decode(config: ModelConfig, params, cache, state, tokens):
-    """One decode step; the caches are read inside the layers and the new entries written once, in place
-    (``cache`` is donated)."""
-    slots = state.lengths
-    (logits, state), variables = WingsModel(config).apply(
-        {"params": params, CACHE: cache}, tokens, state, method=WingsModel.decode_step, mutable=[NEW_ENTRIES])
-    return logits, write_new_entries(cache, variables[NEW_ENTRIES], slots), state
+@functools.partial(jax.jit, static_argnums=(1,))
+def _unstack_params(decoder_params, num_layers: int):
+    return unstack_layers({"decoder": decoder_params}, num_layers)["decoder"]
 
 
-def _recompute_steps(config: ModelConfig, params, batch: dict, lengths: np.ndarray, cache_length: int):
-    """The step function of the full-recompute path: the prompts in a buffer of ``cache_length`` tokens."""
+@functools.partial(jax.jit, static_argnames=("config", "chooser", "steps", "with_logits"), donate_argnames=("carry",))
+def _decode_chunk(config: ModelConfig, chooser: _Chooser, steps: int, with_logits: bool, params, carry: _Decoding,
+                  left):
+    """Up to ``min(steps, left)`` decode steps, fewer once every row is done: a while loop on the device that
+    feeds each step's tokens to the next. Returns how many ran, the carry, and per step (steps, B) the
+    tokens, the rows done after them and, ``with_logits``, the logits (steps, B, V) they were chosen from."""
+    model = WingsModel(config)
+    batch_size = carry.tokens.shape[0]
+
+    def body(loop):
+        step, carry, tokens, done, seen = loop
+        (logits, state), variables = model.apply({"params": params, CACHE: carry.cache}, carry.tokens, carry.state,
+                                                 method=WingsModel.decode_step, mutable=[CACHE])
+        chosen, now_done, rng = chooser(logits, carry.rng, carry.done)
+        carry = _Decoding(variables[CACHE], state, chosen, now_done, rng)
+        seen = None if seen is None else seen.at[step].set(logits)
+        return step + 1, carry, tokens.at[step].set(chosen), done.at[step].set(now_done), seen
+
+    def more(loop):
+        return (loop[0] < jnp.minimum(left, steps)) & ~loop[1].done.all()
+
+    seen = jnp.zeros((steps, batch_size, config.text.vocab_size), jnp.float32) if with_logits else None
+    init = (jnp.int32(0), carry, jnp.zeros((steps, batch_size), jnp.int32), jnp.zeros((steps, batch_size), bool), seen)
+    return jax.lax.while_loop(more, body, init)
+
+
+def _recomputed_generation(config: ModelConfig, params, batch: dict, lengths: np.ndarray, cache_length: int,
+                           sampling: Sampling, rng, record: _Record) -> None:
+    """The full-recompute path, one step per call: the prompts in a buffer of ``cache_length`` tokens."""
     widen = lambda key: np.pad(np.asarray(batch[key]), ((0, 0), (0, cache_length - np.shape(batch[key])[1])))
     buffer = {key: widen(key) for key in ("input_ids", "image_mask", "positions", "attention_mask")}
     buffer.update({key: batch[key] for key in ("pixel_values", "image_valid") if batch.get(key) is not None})
-    carry = {"batch": buffer, "lengths": jnp.asarray(lengths)}
-
-    def step(tokens):
-        if tokens is not None:
-            carry["batch"], carry["lengths"] = _append(carry["batch"], carry["lengths"], tokens)
-        return _last_logits(config, params, carry["batch"])
-
-    return step
+    lengths, done, chooser = jnp.asarray(lengths), jnp.zeros(lengths.shape, bool), _Chooser.of(sampling)
+    while True:
+        logits = _last_logits(config, params, buffer)
+        tokens, done, rng = _pick(chooser, logits, rng, done)
+        record.add(np.asarray(tokens), np.asarray(done), None if record.logits is None else np.asarray(logits))
+        if record.finished:
+            return
+        buffer, lengths = _append(buffer, lengths, tokens)
 
 
 @jax.jit

@@ -35,7 +35,7 @@ class WingsModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, batch: dict, mode: str = "loss", cache_length: int = 0):
+    def __call__(self, batch: dict, mode: str = "loss", cache_length: int = 0, text_cache_length: int = 0):
         """mode 'loss': {'loss', 'loss_sum', 'num_tokens'}; 'logits': float32 (B, L, V);
         'hidden': final normed hidden states (B, L, d); 'laws': per-layer attention mass on the
         (before-image, image, after-image) key segments, (B, n_layers, 3); 'image_features': the
@@ -67,7 +67,8 @@ class WingsModel(nn.Module):
             embeds = merge_image_features(embeds, features, image_mask)
         inputs = self._layer_inputs(batch, embeds, features, flags, with_laws=mode == "laws")
         if mode == "prefill":
-            inputs, state = _prefill_inputs(inputs, batch, cache_length, config.wings.system_prompt_length)
+            inputs, state = _prefill_inputs(inputs, batch, cache_length, text_cache_length or cache_length,
+                                            config.wings.system_prompt_length)
         hidden, laws = decoder(embeds, inputs)
         if mode in ("prefill", "last_logits"):
             lengths = batch["attention_mask"].astype(jnp.int32).sum(axis=1)
@@ -86,16 +87,20 @@ class WingsModel(nn.Module):
     def logits(self, batch: dict) -> jnp.ndarray:
         return self(batch, mode="logits")
 
-    def prefill(self, batch: dict, cache_length: int) -> tuple[jnp.ndarray, DecodeState]:
+    def prefill(self, batch: dict, cache_length: int, text_cache_length: int = 0) -> tuple[jnp.ndarray, DecodeState]:
         """Run right-padded prompts (the batch format, L <= ``cache_length``) and fill the ``cache``
-        collection (apply with ``mutable=["cache"]``) with ``cache_length`` slots; returns the float32
-        logits (B, V) of each prompt's last token and the ``DecodeState``. Causal mask mode only."""
-        return self(batch, mode="prefill", cache_length=cache_length)
+        collection (apply with ``mutable=["cache"]``) with ``cache_length`` slots (the textual learner's:
+        ``text_cache_length``, by default as many; it holds only the textual keys, see ``DecodeState``);
+        returns the float32 logits (B, V) of each prompt's last token and the ``DecodeState``. Causal mask
+        mode only. Each decode step takes one slot of each cache: room for the decode steps is the caller's
+        to leave."""
+        return self(batch, mode="prefill", cache_length=cache_length, text_cache_length=text_cache_length)
 
     def decode_step(self, tokens: jnp.ndarray, state: DecodeState) -> tuple[jnp.ndarray, DecodeState]:
         """Append one token per row (B,) at slot ``state.lengths``; returns its float32 next-token logits
-        (B, V) and the new state. Apply with the ``cache`` collection read-only and ``mutable=[NEW_ENTRIES]``,
-        then store the token's keys/values with ``kv_cache.write_new_entries``."""
+        (B, V) and the new state. Apply with ``mutable=["cache"]``: the token's keys/values are written to
+        the caches. Decode with unrolled layers (``kv_cache.unstack_layers``): scanned, each step copies
+        every layer's weights and caches (``wings_jax.kv_cache``)."""
         return self({"input_ids": tokens, "decode_state": state}, mode="decode")
 
     def laws(self, batch: dict) -> jnp.ndarray:
@@ -126,26 +131,28 @@ class WingsModel(nn.Module):
         """One decoding step over the cache (see ``decode_step``); the new tokens are text."""
         flags = self._learner_flags(has_pixels=state.visual_index is not None)
         decoder = Decoder(self.config, name="decoder", **flags)
-        rows, slots = jnp.arange(tokens.shape[0]), state.lengths[:, None]  # slot == position
+        rows, slots = jnp.arange(tokens.shape[0]), state.lengths[:, None]  # main cache: slot == position
         embeds = decoder.embed(tokens[:, None])
         is_key = state.lengths >= self.config.wings.system_prompt_length  # text past the system prompt
-        # The layers attend to their (read-only) caches followed by this token's own key (kv_cache).
-        cache_index = jnp.broadcast_to(jnp.arange(state.kv_valid.shape[1]), state.kv_valid.shape)
-        key_index = jnp.concatenate([cache_index, slots], axis=1)
-        with_new_key = lambda valid, new: jnp.concatenate([valid, new[:, None]], axis=1)
-        main_mask = MaskSpec(slots, key_index, with_new_key(state.kv_valid, jnp.ones_like(is_key)), causal=True)
-        inputs = LayerInputs(positions=slots, mask=main_mask, cache_slots=slots)
+        # Every attention writes this token's key/value at its slot, then attends over its whole cache. The
+        # textual slot goes on to the next token unless this one is a key.
+        kv_valid = state.kv_valid.at[rows, state.lengths].set(True)
+        text_index = state.text_index.at[rows, state.text_length].set(state.lengths)
+        text_valid = state.text_valid.at[rows, state.text_length].set(is_key)
+        cache_index = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
+        inputs = LayerInputs(positions=slots, mask=MaskSpec(slots, cache_index, kv_valid, causal=True),
+                             cache_slots=slots)
         if flags["use_visual"]:
             visual_mask = MaskSpec(slots, state.visual_index, state.visual_valid, causal=True)
             inputs = inputs._replace(visual=LearnerSource(None, None, visual_mask),
                                      visual_weight=jnp.ones(tokens.shape, jnp.float32))
         if flags["use_textual"]:
-            text_mask = MaskSpec(slots, key_index, with_new_key(state.text_valid, is_key), causal=True)
-            inputs = inputs._replace(textual=LearnerSource(embeds, slots, text_mask, cache_slots=slots))
+            text_mask = MaskSpec(slots, text_index, text_valid, causal=True)
+            inputs = inputs._replace(textual=LearnerSource(embeds, slots, text_mask,
+                                                           cache_slots=state.text_length[:, None]))
         hidden, _ = decoder(embeds, inputs)
-        kv_valid = state.kv_valid.at[rows, state.lengths].set(True)
-        text_valid = state.text_valid.at[rows, state.lengths].set(is_key)
-        state = state._replace(lengths=state.lengths + 1, kv_valid=kv_valid, text_valid=text_valid)
+        state = state._replace(lengths=state.lengths + 1, kv_valid=kv_valid, text_index=text_index,
+                               text_valid=text_valid, text_length=state.text_length + is_key)
         return self._head_logits(decoder, hidden[:, 0]), state
 
     def _learner_flags(self, has_pixels: bool) -> dict:
@@ -196,25 +203,33 @@ class WingsModel(nn.Module):
         return inputs
 
 
-def _prefill_inputs(inputs: LayerInputs, batch: dict, cache_length: int, system_prompt_length: int):
-    """Turn full-sequence layer inputs into cache-writing ones: every mask indexes ``cache_length`` slots
-    (only the prompt's are valid) and the prompt's keys/values go to the caches. Returns them and the
-    initial ``DecodeState``."""
+def _prefill_inputs(inputs: LayerInputs, batch: dict, cache_length: int, text_cache_length: int,
+                    system_prompt_length: int):
+    """Turn full-sequence layer inputs into cache-writing ones: the main mask indexes ``cache_length`` slots
+    (only the prompt's are valid) and the textual learner's ``text_cache_length`` slots, which take its
+    keys (text past the system prompt) in order; the prompt's keys/values go to the caches. Returns them
+    and the initial ``DecodeState``."""
     attention_mask = batch["attention_mask"].astype(bool)
     batch_size, seq_len = attention_mask.shape
     if seq_len > cache_length:
         raise ValueError(f"prompt batch length {seq_len} exceeds cache_length={cache_length}")
-    widen = lambda valid: jnp.pad(valid, ((0, 0), (0, cache_length - seq_len)))
     cache_index = jnp.broadcast_to(jnp.arange(cache_length), (batch_size, cache_length))
     query_index = inputs.mask.q_index
-    kv_valid = widen(attention_mask)
-    text_valid = widen(attention_mask & ~batch["image_mask"].astype(bool)
-                       & (batch["positions"] >= system_prompt_length))
+    kv_valid = jnp.pad(attention_mask, ((0, 0), (0, cache_length - seq_len)))
     inputs = inputs._replace(mask=MaskSpec(query_index, cache_index, kv_valid, causal=True), cache_slots=query_index)
-    state = DecodeState(lengths=attention_mask.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid, text_valid=text_valid)
+    # The textual keys, packed: key k of a row in slot k; everything else to slot text_cache_length (dropped).
+    text_key = attention_mask & ~batch["image_mask"].astype(bool) & (batch["positions"] >= system_prompt_length)
+    text_length = text_key.sum(axis=1).astype(jnp.int32)
+    text_slots = jnp.where(text_key, jnp.cumsum(text_key, axis=1) - 1, text_cache_length)
+    rows = jnp.arange(batch_size)[:, None]
+    text_index = jnp.zeros((batch_size, text_cache_length), jnp.int32).at[rows, text_slots].set(
+        batch["positions"].astype(jnp.int32), mode="drop")
+    text_valid = jnp.arange(text_cache_length)[None] < text_length[:, None]
+    state = DecodeState(lengths=attention_mask.sum(axis=1).astype(jnp.int32), kv_valid=kv_valid,
+                        text_index=text_index, text_valid=text_valid, text_length=text_length)
     if inputs.textual is not None:
-        text_mask = MaskSpec(query_index, cache_index, text_valid, causal=True)
-        inputs = inputs._replace(textual=inputs.textual._replace(mask=text_mask, cache_slots=query_index))
+        text_mask = MaskSpec(query_index, text_index, text_valid, causal=True)
+        inputs = inputs._replace(textual=inputs.textual._replace(mask=text_mask, cache_slots=text_slots))
     if inputs.visual is not None:
         visual = inputs.visual
         feature_slots = jnp.broadcast_to(jnp.arange(visual.values.shape[1]), visual.mask.kv_index.shape)
