@@ -144,29 +144,6 @@ def _routed(probs, extra_values):
     return jnp.einsum("bkgqs,bsc->bqc", probs, extra_values.astype(jnp.float32))
 
 
-def cached_attention(q, cache_k, cache_v, k, v, mask: MaskSpec, extra_values=None):
-    """Attention of a decode step (the reference kernel): queries q (B, Lq, H, hd) over cached keys
-    (B, KV, hd, T) and values (B, KV, T, hd) followed by the step's own S keys/values k, v (B, S, KV, hd),
-    or over the cache alone (k = v = None). ``mask`` and ``extra_values`` (B, T [+ S], C) cover the cache
-    then the new keys.
-
-    The cache is never concatenated with the new keys (that would copy it at every layer and step), only
-    the small (Lq, T + S) scores. In these layouts both products read the cache as it lies; any other
-    makes XLA transpose the cache first (measured on CPU: the transposes cost more than the products).
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads, cached = cache_k.shape[1], cache_k.shape[3]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bkds->bkgqs", q, cache_k)
-    if k is not None:
-        scores = jnp.concatenate([scores, jnp.einsum("bqkgd,bskd->bkgqs", q, k)], axis=-1)
-    probs = _masked_softmax(scores / jnp.sqrt(head_dim).astype(q.dtype), mask)
-    out = jnp.einsum("bkgqs,bksd->bqkgd", probs[..., :cached].astype(cache_v.dtype), cache_v)
-    if v is not None:
-        out = out + jnp.einsum("bkgqs,bskd->bqkgd", probs[..., cached:].astype(v.dtype), v)
-    return out.reshape(batch, q_len, heads, head_dim), _routed(probs, extra_values)
-
-
 def dot_product_attention(q, k, v, mask: MaskSpec, extra_values, implementation: str):
     """``jax.nn.dot_product_attention`` (``implementation`` 'cudnn' on GPU; 'xla' runs anywhere).
 
