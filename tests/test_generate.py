@@ -220,5 +220,7 @@ def test_bad_arguments_are_named(stage2):
         generate(config, params, batch, Sampling(temperature=1.0))
     with pytest.raises(ValueError, match="top_p"):
         generate(config, params, batch, Sampling(top_p=0.0))
+    with pytest.raises(ValueError, match="decode_chunk"):
+        generate(config, params, batch, Sampling(), decode_chunk=0)
     with pytest.raises(ValueError, match="router_positions"):
         generate(config, params, batch, Sampling(max_new_tokens=config.wings.router_positions))
