@@ -30,12 +30,15 @@ class MaskSpec:
 # steps with one query, tiny models) the reference is cheapest. Measured on CPU (fwd + bwd, causal,
 # 8 heads of 64): flash vs xla 1.7 vs 2.3 ms at L=128, 5.3 vs 12 ms at 256, 18 vs 66 ms at 512.
 AUTO_FLASH_MIN_LENGTH = 128
-# Tile edge of the blockwise kernel by platform. On CPU, 256 measured fastest (fwd + bwd of a causal
-# L = 1024 attention, 8 heads over 4 key/value heads: 44 ms at 256 vs 57 at 128 and 59 at 512): the tile
-# products are large enough for the matmul kernels yet skip most of the causal mask.
-# Elsewhere (untuned) larger tiles keep the loop short.
-FLASH_BLOCKS = {"cpu": 256}
-FLASH_BLOCK_DEFAULT = 512
+# Tiles of the blockwise kernel, (query rows, keys), by platform and by whether the mask is causal; a
+# row is one query of one head, and the query heads sharing a key/value head share a tile, so a query
+# block holds rows // (heads per key/value head) queries. On CPU, measured fwd + bwd at L = 1024:
+# causal, 512 x 256 beat 256 x 256, 1024 x 256 and 512 x 512 by 10-30 % (large enough products for the
+# matmul kernels, small enough tiles to skip most of the causal mask); without a causal mask there is
+# nothing to skip and fewer, longer key blocks save loop overhead (1024 x 729: 62 ms at 256 x 256,
+# 43 at 256 x 1024). Elsewhere (untuned) larger tiles keep the loop short.
+FLASH_TILES = {("cpu", True): (512, 256), ("cpu", False): (256, 1024)}
+FLASH_TILE_DEFAULT = (1024, 512)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
 
 
@@ -173,7 +176,7 @@ def dot_product_attention(q, k, v, mask: MaskSpec, extra_values, implementation:
 def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | None = None,
                     block_k: int | None = None):
     """Blockwise attention with an online softmax (same contract as ``attention``); blocks default to
-    ``FLASH_BLOCKS`` for the platform.
+    ``FLASH_TILES`` for the platform.
 
     Query and key blocks that the mask hides entirely are skipped, forward and backward; nothing
     of size (Lq, Lk) is ever held, only (block_q, block_k) tiles. The backward pass recomputes the
@@ -187,8 +190,9 @@ def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | N
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    default = FLASH_BLOCKS.get(jax.default_backend(), FLASH_BLOCK_DEFAULT)
-    block_q, block_k = min(block_q or default, q_len), min(block_k or default, kv_len)
+    tile_rows, tile_keys = FLASH_TILES.get((jax.default_backend(), mask.causal), FLASH_TILE_DEFAULT)
+    block_q = min(block_q or max(1, tile_rows // group), q_len)
+    block_k = min(block_k or tile_keys, kv_len)
     pad_q, pad_k = -q_len % block_q, -kv_len % block_k
     rows = _pad_axis(q, 1, pad_q).reshape(batch, q_len + pad_q, kv_heads, group, head_dim)
     rows = rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, (q_len + pad_q) * group, head_dim)
