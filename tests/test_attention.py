@@ -119,12 +119,16 @@ def test_auto_picks_by_platform_dtype_and_lengths():
         resolve_backend("pallas", jnp.float32, 8, 8)
 
 
-def test_stage2_model_with_flash_matches_xla():
-    """The whole stage-2 model: main attention with the router channels, both learners, loss and gradients."""
+def tiny_stage2_case():
+    """(config, batch, params) of the tiny stage-2 model on a one-image row and a text-only row."""
     base = tiny_model(scan_layers=True)
     config = base.replace(wings=dataclasses.replace(base.wings, stage=2)).validate()
-    batch = make_batch(config, [[4, "img", 9], [6]], seq_len=40)
-    params = sharp_params(config)
+    return config, make_batch(config, [[4, "img", 9], [6]], seq_len=40), sharp_params(config)
+
+
+def test_stage2_model_with_flash_matches_xla():
+    """The whole stage-2 model: main attention with the router channels, both learners, loss and gradients."""
+    config, batch, params = tiny_stage2_case()
 
     def loss_and_grad(backend):
         model = WingsModel(config.replace(attention_backend=backend))

@@ -1,6 +1,5 @@
 """The ``splash`` backend (Pallas TPU kernels) in Pallas interpret mode against the ``xla`` reference."""
 
-import dataclasses
 import functools
 
 import jax
@@ -8,14 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from sharp_weights import sharp_params
-from test_attention import loss_and_grads, masks, random_inputs
-from test_learners import make_batch
+from test_attention import loss_and_grads, masks, random_inputs, tiny_stage2_case
 
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.model import WingsModel
 from wings_jax.pallas_attention import _Plan, _tables, splash_attention
-from wings_jax.presets import tiny_model
 
 # float32 rounding relative to the largest reference entry (the extra-value gradients reach ~20)
 TOLERANCE = 1e-5
@@ -150,10 +146,7 @@ def test_splash_refuses_what_it_cannot_run():
 def test_stage2_model_with_splash_matches_xla():
     """The tiny stage-2 model's logits: decoder attention with the router channels, both learners, all
     through the kernels (interpreted off TPU). Their gradients are checked above, kernel by kernel."""
-    base = tiny_model(scan_layers=True)
-    config = base.replace(wings=dataclasses.replace(base.wings, stage=2)).validate()
-    batch = make_batch(config, [[4, "img", 9], [6]], seq_len=40)
-    params = sharp_params(config)
+    config, batch, params = tiny_stage2_case()
 
     def logits(backend):
         model = WingsModel(config.replace(attention_backend=backend))
