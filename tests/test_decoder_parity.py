@@ -109,7 +109,9 @@ def test_logits_match_transformers(text, scanned):
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("mode", ["causal", "reference"])
 def test_fresh_learners_change_nothing(stage, mode):
-    """Fresh learners add exactly zero: logits bit-identical to the model without learners."""
+    """Fresh learners add exactly zero: logits bit-identical to the model without learners in stage 1.
+    In stage 2 the router's value channels ride in the main attention's value product, whose wider
+    matmul rounds differently: equal there to float32 rounding."""
     config = tiny_model(scan_layers=True)
     config = config.replace(wings=dataclasses.replace(config.wings, stage=stage, mask_mode=mode))
     plain = config.replace(wings=dataclasses.replace(config.wings, enabled=False))
@@ -125,4 +127,7 @@ def test_fresh_learners_change_nothing(stage, mode):
     batch = pack_batch([Sample([5, 6, 7, IMAGE_PLACEHOLDER, 8, 9], images=[image]), Sample([3, 4, 5, 6])], config, 24)
     with_learners = WingsModel(config).apply({"params": params}, batch, mode="logits")
     without = WingsModel(plain).apply({"params": plain_params}, batch, mode="logits")
-    np.testing.assert_array_equal(np.asarray(with_learners), np.asarray(without))
+    if stage == 1:
+        np.testing.assert_array_equal(np.asarray(with_learners), np.asarray(without))
+    else:
+        np.testing.assert_allclose(np.asarray(with_learners), np.asarray(without), rtol=0, atol=1e-6)
