@@ -60,8 +60,9 @@ def test_bf16_forward_is_finite():
     assert np.isfinite(float(out["loss"])) and float(out["loss"]) > 0
 
 
-def test_chunked_loss_equals_full_cross_entropy():
-    config = stage2(loss_chunk_size=7)  # does not divide the length: exercises the padding
+@pytest.mark.parametrize("chunk", [7, 4096])  # 7 does not divide the length: padding, several chunks; 4096: one
+def test_chunked_loss_equals_full_cross_entropy(chunk):
+    config = stage2(loss_chunk_size=chunk)
     params = sharp_params(config)
     batch = image_batch(config)
     model = WingsModel(config)
@@ -75,6 +76,20 @@ def test_chunked_loss_equals_full_cross_entropy():
     expected = ((logz - picked) * valid).sum() / valid.sum()
     assert int(out["num_tokens"]) == valid.sum()
     np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-5)
+
+
+def test_loss_gradient_is_the_same_in_one_chunk_and_in_several():
+    """One chunk keeps its logits for the backward; several recompute theirs: the gradients agree."""
+    params = sharp_params(stage2())
+    batch = image_batch(stage2())
+
+    def gradient(chunk):
+        model = WingsModel(stage2(loss_chunk_size=chunk))
+        return jax.grad(lambda p: model.apply({"params": p}, batch)["loss"])(params)
+
+    for several, one in zip(jax.tree_util.tree_leaves(gradient(7)), jax.tree_util.tree_leaves(gradient(4096)),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(several), np.asarray(one), atol=1e-6, rtol=1e-5)
 
 
 def test_gradients_match_finite_differences():

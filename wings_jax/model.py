@@ -279,7 +279,6 @@ def chunked_cross_entropy(hidden, head, labels, chunk_size: int) -> tuple[jnp.nd
     hidden = hidden.reshape(batch, padded // chunk, chunk, width).swapaxes(0, 1)
     targets = targets.reshape(batch, padded // chunk, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def chunk_loss(h, t):
         # one 2-D matmul over the chunk's tokens (see ``TokenDense``: the 3-D form's backward transposes)
         logits = (h.reshape(-1, width) @ head).astype(jnp.float32)
@@ -288,7 +287,11 @@ def chunked_cross_entropy(hidden, head, labels, chunk_size: int) -> tuple[jnp.nd
         picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * valid), jnp.sum(valid)
 
-    sums, counts = jax.lax.map(lambda xs: chunk_loss(*xs), (hidden, targets))
+    if padded == chunk:  # one chunk: its logits are needed whole anyway, so keep them for the backward
+        loss_sum, count = chunk_loss(hidden[0], targets[0])
+        return loss_sum, count.astype(jnp.int32)
+    # several chunks: recompute each chunk's logits in the backward instead of storing them all
+    sums, counts = jax.lax.map(lambda xs: jax.checkpoint(chunk_loss)(*xs), (hidden, targets))
     return sums.sum(), counts.sum().astype(jnp.int32)
 
 
