@@ -15,7 +15,7 @@ from wings_jax.dense import TokenDense
 from wings_jax.kv_cache import CACHE, attend_with_cache
 from wings_jax.lorra import LearnerSource, LoRRA, Router
 from wings_jax.remat import ATTENTION_OUTPUT, maybe_remat
-from wings_jax.rope import apply_rope, inverse_frequencies
+from wings_jax.rope import Rotation, apply_rope, inverse_frequencies, rotation
 
 
 def _dense(features, in_axis, out_axis, dtype, param_dtype, name, use_bias=False, init_std=0.02):
@@ -55,13 +55,17 @@ class LayerInputs(NamedTuple):
     # KV-cache decoding: the cache slots (B, L) that these tokens' keys/values are written to; ``mask``
     # then indexes cache slots (``wings_jax.kv_cache``)
     cache_slots: jnp.ndarray | None = None
+    # the rotations of ``positions``, set by ``Decoder``: the main attention's (scaled where the model
+    # says so) and the learners' queries' (plain RoPE)
+    rotation: Rotation | None = None
+    learner_rotation: Rotation | None = None
 
 
 class SelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, extra_values=None, cache_slots=None):
+    def __call__(self, x, by: Rotation, mask, extra_values=None, cache_slots=None):
         text = self.config.text
         dtype, param_dtype = jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
         hd, batch, seq_len = text.head_dim, x.shape[0], x.shape[1]
@@ -72,8 +76,7 @@ class SelfAttention(nn.Module):
         q = q.reshape(batch, seq_len, text.num_heads, hd)
         k = k.reshape(batch, seq_len, text.num_kv_heads, hd)
         v = v.reshape(batch, seq_len, text.num_kv_heads, hd)
-        inv_freq = inverse_frequencies(hd, text.rope_theta, text.rope_scaling_dict)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, by), apply_rope(k, by)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         if cache_slots is None:
             out, extra = attention(q, k, v, mask, extra_values, backend=self.config.attention_backend)
@@ -127,7 +130,7 @@ class DecoderLayer(nn.Module):
         extra_values = jnp.concatenate(channels, axis=-1) if channels else None
 
         normed = RMSNorm(text.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(x)
-        attn_out, extra = SelfAttention(config, name="self_attn")(normed, inputs.positions, inputs.mask, extra_values,
+        attn_out, extra = SelfAttention(config, name="self_attn")(normed, inputs.rotation, inputs.mask, extra_values,
                                                              inputs.cache_slots)
         hidden = x + attn_out
         if self.has_learners:
@@ -143,8 +146,7 @@ class DecoderLayer(nn.Module):
     def _learners(self, h1, inputs: LayerInputs, router: Router | None, extra) -> jnp.ndarray:
         config, text = self.config, self.config.text
         make = lambda name: LoRRA(
-            text.hidden_size, text.num_heads, config.wings.lora_dim, text.rope_theta,
-            dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+            text.hidden_size, text.num_heads, config.wings.lora_dim, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
             backend=config.attention_backend, name=name,
         )
         visual_learner, textual_learner = make("visual_learner"), make("textual_learner")
@@ -153,10 +155,10 @@ class DecoderLayer(nn.Module):
             for learner, source in ((visual_learner, inputs.visual), (textual_learner, inputs.textual)):
                 if source is None:
                     source = _self_source(h1, inputs)
-                learner(h1, inputs.positions, source)
+                learner(h1, inputs.learner_rotation, source)
         update = jnp.zeros_like(h1)
-        visual = visual_learner(h1, inputs.positions, inputs.visual) if self.use_visual else None
-        textual = textual_learner(h1, inputs.positions, inputs.textual) if self.use_textual else None
+        visual = visual_learner(h1, inputs.learner_rotation, inputs.visual) if self.use_visual else None
+        textual = textual_learner(h1, inputs.learner_rotation, inputs.textual) if self.use_textual else None
         if self.use_router:
             weights = router(extra[..., :2]).astype(h1.dtype)  # (B, L, 2)
             if visual is not None:
@@ -173,7 +175,7 @@ class DecoderLayer(nn.Module):
 
 def _self_source(h1, inputs: LayerInputs) -> LearnerSource:
     """A stand-in source (the layer's own causal context) used only to create unused learners' parameters."""
-    return LearnerSource(values=h1, positions=inputs.positions, mask=inputs.mask)
+    return LearnerSource(values=h1, positions=inputs.positions, mask=inputs.mask, rotation=inputs.learner_rotation)
 
 
 class Decoder(nn.Module):
@@ -215,6 +217,7 @@ class Decoder(nn.Module):
 
     def __call__(self, embeds: jnp.ndarray, inputs: LayerInputs):
         """Input embeddings (B, L, d) -> final normed hidden states, and laws (n_layers, B, 3) or None."""
+        inputs = self._with_rotations(inputs)
         if self.config.scan_layers:
             hidden, laws = self.layers(embeds, inputs)
         else:
@@ -224,6 +227,21 @@ class Decoder(nn.Module):
                 per_layer.append(layer_laws)
             laws = jnp.stack(per_layer) if self.collect_laws else None
         return self.norm(hidden), laws
+
+    def _with_rotations(self, inputs: LayerInputs) -> LayerInputs:
+        """``inputs`` with the RoPE rotations every layer shares, computed here once (see ``Rotation``)."""
+        text = self.config.text
+        plain = inverse_frequencies(text.hidden_size // text.num_heads, text.rope_theta)  # the learners'
+        inputs = inputs._replace(
+            rotation=rotation(inputs.positions, inverse_frequencies(text.head_dim, text.rope_theta,
+                                                                    text.rope_scaling_dict)),
+            learner_rotation=rotation(inputs.positions, plain),
+        )
+        for name in ("visual", "textual"):
+            source = getattr(inputs, name)
+            if source is not None and source.positions is not None:
+                inputs = inputs._replace(**{name: source._replace(rotation=rotation(source.positions, plain))})
+        return inputs
 
     def head_weight(self) -> jnp.ndarray:
         """The (d, V) output projection: the transposed embedding when tied."""

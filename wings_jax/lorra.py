@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from wings_jax.attention import MaskSpec, attention
 from wings_jax.dense import TokenDense
 from wings_jax.kv_cache import attend_with_cache
-from wings_jax.rope import apply_rope, inverse_frequencies
+from wings_jax.rope import Rotation, apply_rope
 
 
 class LearnerSource(NamedTuple):
@@ -34,6 +34,7 @@ class LearnerSource(NamedTuple):
     uniform_rows: jnp.ndarray | None = None  # (B, L) bool
     key_exists: jnp.ndarray | None = None  # (B, S) bool
     cache_slots: jnp.ndarray | None = None  # (B, S) int
+    rotation: Rotation | None = None  # of ``positions``, plain RoPE (set by ``Decoder``)
 
 
 class LoRRA(nn.Module):
@@ -43,7 +44,6 @@ class LoRRA(nn.Module):
     hidden_size: int
     num_heads: int
     rank: int
-    rope_theta: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     backend: str = "xla"
@@ -59,18 +59,18 @@ class LoRRA(nn.Module):
         return self._factor(f"{prefix}_b", down, "lora", "embed", self.hidden_size, nn.initializers.zeros)
 
     @nn.compact
-    def __call__(self, query: jnp.ndarray, query_positions: jnp.ndarray, source: LearnerSource) -> jnp.ndarray:
+    def __call__(self, query: jnp.ndarray, query_rotation: Rotation, source: LearnerSource) -> jnp.ndarray:
+        """``query_rotation`` and ``source.rotation``: plain RoPE, never scaled."""
         batch, q_len, _ = query.shape
         head_dim = self.hidden_size // self.num_heads
-        inv_freq = inverse_frequencies(head_dim, self.rope_theta)  # plain RoPE, never scaled
         q = (query + self._low_rank("q", query)).reshape(batch, q_len, self.num_heads, head_dim)
-        q = apply_rope(q, query_positions, inv_freq)
+        q = apply_rope(q, query_rotation)
         k = v = None
         if source.values is not None:
             src = source.values.astype(self.dtype)
             k = (src + self._low_rank("k", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
             v = (src + self._low_rank("v", src)).reshape(batch, src.shape[1], self.num_heads, head_dim)
-            k = apply_rope(k, source.positions, inv_freq)
+            k = apply_rope(k, source.rotation)
         if source.values is None or source.cache_slots is not None:
             out, _ = attend_with_cache(self, q, k, v, source.cache_slots, source.mask, backend=self.backend)
         else:

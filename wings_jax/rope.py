@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +26,27 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """Rotate ``x`` (batch, length, heads, head_dim) by ``positions`` (batch, length)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B, L, hd/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+class Rotation(NamedTuple):
+    """cos and sin of every (position, frequency) angle, each (B, L, head_dim / 2) float32.
+
+    Built once per forward pass (``Decoder``) and shared by every layer's queries and keys: built inside
+    each attention, XLA:CPU fused the cosine into the per-head rotation and called libm's cosine once
+    per element of q and k (5 % of a bench_small training step).
+    """
+
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+
+
+def rotation(positions: jnp.ndarray, inv_freq: np.ndarray) -> Rotation:
+    """The rotation of ``positions`` (B, L) at frequencies ``inv_freq`` (head_dim / 2,)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return Rotation(jnp.cos(angles), jnp.sin(angles))
+
+
+def apply_rope(x: jnp.ndarray, by: Rotation) -> jnp.ndarray:
+    """Rotate ``x`` (batch, length, heads, head_dim) by the rotation of its positions."""
+    cos, sin = (jnp.concatenate([t, t], axis=-1)[:, :, None, :].astype(x.dtype) for t in by)
     first, second = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
     return x * cos + rotated * sin
