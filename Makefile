@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # On CPU-only machines the torch CPU wheel is pinned (an unpinned torch pulls a CUDA build).
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
+# glibc's malloc asks for transparent huge pages: XLA:CPU maps its scratch buffer afresh on every
+# call, and faulting it in 4 KiB pages cost 5-7 % of a bench_small training step (README, Performance).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test install lint clean
 

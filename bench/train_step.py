@@ -90,6 +90,7 @@ def report(results: dict) -> None:
         ("measured matmul peak TFLOP/s", results["matmul_peak_tflops"]),
         ("MFU", f"{100 * results['mfu']:.1f} %"),
         ("lower / compile (s)", f"{results['lower_s']:.2f} / {results['compile_s']:.2f}"),
+        ("host memory", common.host_memory_settings()),
     ]
     rows += [(f"memory {name} (GiB)", common.gib(value)) for name, value in memory.items()]
     common.print_table("training step", rows)
