@@ -146,8 +146,8 @@ class DecoderLayer(nn.Module):
     def _learners(self, h1, inputs: LayerInputs, router: Router | None, extra) -> jnp.ndarray:
         config, text = self.config, self.config.text
         make = lambda name: LoRRA(
-            text.hidden_size, text.num_heads, config.wings.lora_dim, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-            backend=config.attention_backend, name=name,
+            text.hidden_size, text.num_heads, config.wings.lora_dim, dtype=jnp.dtype(config.dtype),
+            param_dtype=jnp.dtype(config.param_dtype), backend=config.attention_backend, name=name,
         )
         visual_learner, textual_learner = make("visual_learner"), make("textual_learner")
         if self.is_initializing():
