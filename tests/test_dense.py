@@ -1,0 +1,27 @@
+"""TokenDense against flax's nn.Dense: same parameters, outputs and gradients, narrow or wide."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from wings_jax.dense import NARROW_FEATURES, TokenDense
+
+
+@pytest.mark.parametrize("features", [8, NARROW_FEATURES + 1])  # the narrow-output path and the plain one
+def test_token_dense_matches_flax_dense_and_its_gradients(features):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+    dense, token_dense = nn.Dense(features, use_bias=False), TokenDense(features, use_bias=False)
+    params = dense.init(jax.random.PRNGKey(1), x)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(token_dense.init(
+        jax.random.PRNGKey(1), x))
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 5, features))
+
+    def loss(module):
+        return lambda p, inputs: (module.apply(p, inputs) * cotangent).sum()
+
+    want = jax.grad(loss(dense), argnums=(0, 1))(params, x)
+    got = jax.grad(loss(token_dense), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(token_dense.apply(params, x), dense.apply(params, x), rtol=1e-6, atol=1e-6)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
