@@ -108,11 +108,12 @@ def write_json(benchmark: str, results: dict) -> Path:
 
 
 def host_memory_settings() -> str:
-    """How the host allocator backs XLA:CPU's buffers, which moves CPU step times by 5-7 %: the
-    ``GLIBC_TUNABLES`` in effect and the kernel's transparent-huge-page mode."""
+    """How the host allocator backs XLA:CPU's buffers, which moves CPU step times by 5-10 %: the
+    ``GLIBC_TUNABLES`` and ``LD_PRELOAD`` (e.g. tcmalloc) in effect, and the kernel's transparent-huge-page mode."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     mode = thp.read_text().strip() if thp.exists() else "unknown"
-    return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, transparent_hugepage: {mode}"
+    settings = ", ".join(f"{name}={os.environ.get(name, '')!r}" for name in ("GLIBC_TUNABLES", "LD_PRELOAD"))
+    return f"{settings}, transparent_hugepage: {mode}"
 
 
 def gib(n_bytes: float) -> float:
