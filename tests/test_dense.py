@@ -1,4 +1,5 @@
-"""TokenDense against flax's nn.Dense: same parameters, outputs and gradients, narrow or wide."""
+"""TokenDense against flax's nn.Dense: same parameters, outputs, gradients and forward-mode derivatives,
+narrow or wide."""
 
 import flax.linen as nn
 import jax
@@ -25,3 +26,8 @@ def test_token_dense_matches_flax_dense_and_its_gradients(features):
     np.testing.assert_allclose(token_dense.apply(params, x), dense.apply(params, x), rtol=1e-6, atol=1e-6)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+    tangents = jax.tree_util.tree_map(lambda leaf: jax.random.normal(jax.random.PRNGKey(3), leaf.shape), (params, x))
+    _, want_tangent = jax.jvp(lambda p, inputs: dense.apply(p, inputs), (params, x), tangents)
+    _, got_tangent = jax.jvp(lambda p, inputs: token_dense.apply(p, inputs), (params, x), tangents)
+    np.testing.assert_allclose(got_tangent, want_tangent, rtol=1e-5, atol=1e-5)
