@@ -6,17 +6,21 @@ import jax
 import numpy as np
 import pytest
 
-from wings_jax.dense import NARROW_FEATURES, TokenDense
+from wings_jax.dense import NARROW_FEATURES, NARROW_MIN_TOKENS, TokenDense
 
 
-@pytest.mark.parametrize("features", [8, NARROW_FEATURES + 1])  # the narrow-output path and the plain one
-def test_token_dense_matches_flax_dense_and_its_gradients(features):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+@pytest.mark.parametrize(("features", "tokens", "narrow"), [
+    (8, NARROW_MIN_TOKENS, True), (NARROW_FEATURES + 1, NARROW_MIN_TOKENS, False), (8, NARROW_MIN_TOKENS - 2, False),
+])
+def test_token_dense_matches_flax_dense_and_its_gradients(features, tokens, narrow):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, tokens // 2, 16))
     dense, token_dense = nn.Dense(features, use_bias=False), TokenDense(features, use_bias=False)
     params = dense.init(jax.random.PRNGKey(1), x)
+    takes_narrow_path = "optimization_barrier" in str(jax.make_jaxpr(token_dense.apply)(params, x))
+    assert takes_narrow_path == narrow
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(token_dense.init(
         jax.random.PRNGKey(1), x))
-    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 5, features))
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, tokens // 2, features))
 
     def loss(module):
         return lambda p, inputs: (module.apply(p, inputs) * cotangent).sum()

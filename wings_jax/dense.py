@@ -6,8 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Outputs at most this wide (the learners' rank-r factors) take ``_narrow_matmul``.
+# Outputs at most this wide (the learners' rank-r factors) over at least this many tokens take
+# ``_narrow_matmul``; over fewer tokens x^T g is cheap anyway, and the kernel's transpose would be a
+# copy per call (each decoding step).
 NARROW_FEATURES = 64
+NARROW_MIN_TOKENS = 256
 
 
 class TokenDense(nn.Dense):
@@ -25,7 +28,7 @@ class TokenDense(nn.Dense):
     def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
         leading = inputs.shape[:-1]
         flat = inputs.reshape(-1, inputs.shape[-1])
-        if self.features <= NARROW_FEATURES and not self.use_bias:
+        if self.features <= NARROW_FEATURES and flat.shape[0] >= NARROW_MIN_TOKENS and not self.use_bias:
             kernel = self.param("kernel", self.kernel_init, (flat.shape[-1], self.features), self.param_dtype)
             out = _narrow_matmul(flat.astype(self.dtype), kernel.astype(self.dtype))
         else:
