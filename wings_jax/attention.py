@@ -41,6 +41,10 @@ AUTO_FLASH_MIN_LENGTH = 128
 FLASH_TILES = {("cpu", True): (512, 256), ("cpu", False): (256, 1024)}
 FLASH_TILE_DEFAULT = (1024, 512)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
+# Where the blockwise kernel's running row maximum starts. Any real score lies far above it, so a row
+# that has seen a key has its true maximum, and a hidden entry's exp(_NEG - m) is exactly 0 even in a
+# row that has seen nothing yet (m = _FLOOR). That spares a second select over every tile.
+_FLOOR = -1e20
 
 
 def attention(
@@ -290,7 +294,7 @@ def _flash_forward(rows, kt, vt, tiles: _Tiles):
                 visible = tiles.visible(i, j)
                 scores = _tile_scores(q_blk, _block(kt, j, bk, 2), visible)
                 new_max = jnp.maximum(row_max, scores.max(axis=-1))
-                probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
+                probs = jnp.exp(scores - new_max[..., None])  # 0 where hidden (see _FLOOR)
                 rescale = jnp.exp(row_max - new_max)
                 denom = rescale * denom + probs.sum(axis=-1)
                 acc = rescale[..., None] * acc + jnp.einsum(
@@ -300,7 +304,7 @@ def _flash_forward(rows, kt, vt, tiles: _Tiles):
 
             return jax.lax.cond(live[i, j], update, lambda c: c, carry)
 
-        init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
+        init = (jnp.full(shape, _FLOOR, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, vt.shape[-1]), jnp.float32))
         row_max, denom, acc = _while(n_k, key_block, init)
         seen = denom > 0
@@ -336,6 +340,10 @@ def _flash_fwd(rows, kt, vt, tiles):
 
 
 def _flash_bwd(residuals, d_out):
+    """Tiles are recomputed keys-first, (keys, rows), so that all five products of a tile are plain or
+    right-transposed matmuls. The row-first tile needed two left-transposed ones (dK = dS^T Q and
+    dV = P^T dO), which XLA:CPU hands to Eigen at half YNNPACK's speed; keys-first, only dQ = dS K is
+    left-transposed, and it becomes dQ^T = K^T dS^T with K^T transposed once per key block."""
     rows, kt, vt, tiles, out, lse = residuals
     d_out = d_out.astype(jnp.float32)  # (B, KV, Lq * G, hd + C): the extra channels' cotangents included
     # softmax backward: dS = P * (dP - rowsum(dO * O)), over the values and the riding channels alike
@@ -346,34 +354,39 @@ def _flash_bwd(residuals, d_out):
     r, bk = tiles.block_rows, tiles.block_k
     scale = 1.0 / jnp.sqrt(jnp.float32(rows.shape[-1]))
 
-    def key_block(d_q, j):
+    def key_block(d_q_t, j):
         k_blk, v_blk = _block(kt, j, bk, 2), _block(vt, j, bk, 2)
+        # the barrier keeps the transpose a copy: folded into the product, it would be left-transposed again
+        k_blk_t = jax.lax.optimization_barrier(jnp.swapaxes(k_blk, 2, 3))  # (B, KV, hd, bk)
 
         def query_block(i, carry):
             def update(carry):
-                d_q, d_k, d_v = carry
+                d_q_t, d_k, d_v = carry
                 q_blk, do_blk = _block(rows, i, r, 2), _block(d_out, i, r, 2)
-                visible = tiles.visible(i, j)
-                scores = _tile_scores(q_blk, k_blk, visible)
-                probs = jnp.where(visible, jnp.exp(scores - _block(lse, i, r, 2)[..., None]), 0.0)
-                d_v = d_v + jnp.einsum("bkrs,bkrd->bksd", probs, do_blk)
-                d_probs = jnp.einsum("bkrd,bksd->bkrs", do_blk, v_blk, preferred_element_type=jnp.float32)
-                d_scores = probs * (d_probs - _block(delta, i, r, 2)[..., None]) * scale
-                d_q_blk = _block(d_q, i, r, 2) + jnp.einsum("bkrs,bksd->bkrd", d_scores, k_blk,
-                                                             preferred_element_type=jnp.float32)
-                d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_blk, i * r, axis=2)
-                d_k = d_k + jnp.einsum("bkrs,bkrd->bksd", d_scores, q_blk, preferred_element_type=jnp.float32)
-                return d_q, d_k, d_v
+                visible = jnp.swapaxes(tiles.visible(i, j), 2, 3)  # (B, 1, bk, r)
+                scores = jnp.einsum("bksd,bkrd->bksr", k_blk, q_blk, preferred_element_type=jnp.float32) * scale
+                scores = jnp.where(visible, scores, _NEG)
+                # hidden: exp(_NEG - lse) = 0, as a row that sees nothing has lse = 0
+                probs = jnp.exp(scores - _block(lse, i, r, 2)[..., None, :])
+                d_v = d_v + jnp.einsum("bksr,bkrd->bksd", probs, do_blk)
+                d_probs = jnp.einsum("bksd,bkrd->bksr", v_blk, do_blk, preferred_element_type=jnp.float32)
+                d_scores = probs * (d_probs - _block(delta, i, r, 2)[..., None, :]) * scale
+                d_q_t_blk = _block(d_q_t, i, r, 3) + jnp.einsum("bkds,bksr->bkdr", k_blk_t, d_scores,
+                                                                 preferred_element_type=jnp.float32)
+                d_q_t = jax.lax.dynamic_update_slice_in_dim(d_q_t, d_q_t_blk, i * r, axis=3)
+                d_k = d_k + jnp.einsum("bksr,bkrd->bksd", d_scores, q_blk, preferred_element_type=jnp.float32)
+                return d_q_t, d_k, d_v
 
             return jax.lax.cond(live[i, j], update, lambda c: c, carry)
 
-        init = (d_q, jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
-        d_q, d_k, d_v = jax.lax.fori_loop(0, n_q, query_block, init)
-        return d_q, (d_k, d_v)
+        init = (d_q_t, jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
+        d_q_t, d_k, d_v = jax.lax.fori_loop(0, n_q, query_block, init)
+        return d_q_t, (d_k, d_v)
 
-    d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(rows.shape, jnp.float32), jnp.arange(n_k))
+    d_q_t = jnp.zeros((*rows.shape[:2], rows.shape[3], rows.shape[2]), jnp.float32)  # (B, KV, hd, Lq * G)
+    d_q_t, (d_k, d_v) = jax.lax.scan(key_block, d_q_t, jnp.arange(n_k))
     d_k, d_v = _unblock(d_k, 2), _unblock(d_v, 2)
-    return d_q.astype(rows.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), None
+    return jnp.swapaxes(d_q_t, 2, 3).astype(rows.dtype), d_k.astype(kt.dtype), d_v.astype(vt.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
