@@ -81,6 +81,24 @@ def test_flash_matches_xla_with_blocks_that_do_not_divide_the_length(mask_name):
         assert blind.any() and np.all(out[blind] == 0.0)
 
 
+def test_flash_in_bfloat16_keeps_dtypes_and_follows_the_float32_reference():
+    """bfloat16 inputs (the released recipes' compute dtype): outputs and gradients come back in
+    bfloat16 and agree with the float32 ``xla`` reference to bfloat16 precision."""
+    inputs, rng = random_inputs(5, q_len=40, kv_len=40)
+    mask = masks(rng, 2, 40, 40)["causal_padded"]
+    half = tuple(x.astype(jnp.bfloat16) for x in inputs)
+    _, (out, routed), grads = loss_and_grads(functools.partial(flash_attention, block_q=8, block_k=16), half, mask)
+    assert out.dtype == jnp.bfloat16 and routed.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 4
+    _, (want_out, _), want_grads = loss_and_grads(functools.partial(attention, backend="xla"),
+                                                  tuple(x.astype(jnp.float32) for x in half), mask)
+    for name, want, got in zip(("output", "dq", "dk", "dv", "d_extra"), (want_out, *want_grads), (out, *grads),
+                               strict=True):
+        want, got = np.asarray(want), np.asarray(got, np.float32)
+        error = np.abs(want - got).max() / np.abs(want).max()
+        assert error < 0.03, f"{name}: max error {error:.3f} of the largest entry"
+
+
 def test_flash_without_extra_values_returns_none():
     inputs, rng = random_inputs(1, q_len=20, kv_len=20)
     mask = masks(rng, 2, 20, 20)["causal_padded"]
