@@ -265,10 +265,11 @@ def _block(x, index, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
-def _tile_scores(q_blk, k_blk, visible):
-    """Scaled scores of one tile in float32, hidden entries set to a huge negative number."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q_blk.shape[-1]))
-    scores = jnp.einsum("bkrd,bksd->bkrs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+def _tile_scores(a, b, visible, spec="bkrd,bksd->bkrs"):
+    """Scaled scores of one tile in float32, hidden entries set to a huge negative number; ``spec`` says
+    which of ``a`` and ``b`` holds the query rows (rows first by default, keys first in the backward)."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(a.shape[-1]))
+    scores = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) * scale
     return jnp.where(visible, scores, _NEG)
 
 
@@ -364,8 +365,7 @@ def _flash_bwd(residuals, d_out):
                 d_q_t, d_k, d_v = carry
                 q_blk, do_blk = _block(rows, i, r, 2), _block(d_out, i, r, 2)
                 visible = jnp.swapaxes(tiles.visible(i, j), 2, 3)  # (B, 1, bk, r)
-                scores = jnp.einsum("bksd,bkrd->bksr", k_blk, q_blk, preferred_element_type=jnp.float32) * scale
-                scores = jnp.where(visible, scores, _NEG)
+                scores = _tile_scores(k_blk, q_blk, visible, "bksd,bkrd->bksr")
                 # hidden: exp(_NEG - lse) = 0, as a row that sees nothing has lse = 0
                 probs = jnp.exp(scores - _block(lse, i, r, 2)[..., None, :])
                 d_v = d_v + jnp.einsum("bksr,bkrd->bksd", probs, do_blk)
