@@ -81,22 +81,38 @@ def test_flash_matches_xla_with_blocks_that_do_not_divide_the_length(mask_name):
         assert blind.any() and np.all(out[blind] == 0.0)
 
 
-def test_flash_in_bfloat16_keeps_dtypes_and_follows_the_float32_reference():
-    """bfloat16 inputs (the released recipes' compute dtype): outputs and gradients come back in
-    bfloat16 and agree with the float32 ``xla`` reference to bfloat16 precision."""
-    inputs, rng = random_inputs(5, q_len=40, kv_len=40)
-    mask = masks(rng, 2, 40, 40)["causal_padded"]
+def assert_half_precision_follows_float32_reference(attend, inputs, mask):
+    """Run ``attend`` on bfloat16 copies of ``inputs``: outputs and gradients come back in bfloat16 and agree
+    with the float32 ``xla`` reference to bfloat16 precision (the routed channels come back in float32)."""
     half = tuple(x.astype(jnp.bfloat16) for x in inputs)
-    _, (out, routed), grads = loss_and_grads(functools.partial(flash_attention, block_q=8, block_k=16), half, mask)
+    _, (out, routed), grads = loss_and_grads(attend, half, mask)
     assert out.dtype == jnp.bfloat16 and routed.dtype == jnp.float32
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 4
-    _, (want_out, _), want_grads = loss_and_grads(functools.partial(attention, backend="xla"),
-                                                  tuple(x.astype(jnp.float32) for x in half), mask)
-    for name, want, got in zip(("output", "dq", "dk", "dv", "d_extra"), (want_out, *want_grads), (out, *grads),
-                               strict=True):
+    _, (want_out, want_routed), want_grads = loss_and_grads(functools.partial(attention, backend="xla"),
+                                                            tuple(x.astype(jnp.float32) for x in half), mask)
+    for name, want, got in zip(("output", "routed", "dq", "dk", "dv", "d_extra"),
+                               (want_out, want_routed, *want_grads), (out, routed, *grads), strict=True):
         want, got = np.asarray(want), np.asarray(got, np.float32)
         error = np.abs(want - got).max() / np.abs(want).max()
         assert error < 0.03, f"{name}: max error {error:.3f} of the largest entry"
+
+
+def test_flash_in_bfloat16_keeps_dtypes_and_follows_the_float32_reference():
+    """bfloat16 inputs, the released recipes' compute dtype."""
+    inputs, rng = random_inputs(5, q_len=40, kv_len=40)
+    mask = masks(rng, 2, 40, 40)["causal_padded"]
+    assert_half_precision_follows_float32_reference(functools.partial(flash_attention, block_q=8, block_k=16),
+                                                    inputs, mask)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention exists only on NVIDIA GPUs "
+                    "(run with JAX_PLATFORMS=cuda); off GPU the wrapper is tested with the portable kernel above")
+@pytest.mark.parametrize("mask_name", ["causal_padded", "causal_sparse_shifted", "full_sparse", "sample_sees_nothing"])
+def test_cudnn_kernel_on_gpu_follows_the_float32_reference(mask_name):
+    """The real cuDNN kernel, at a head width it accepts and lengths that are no multiple of its tiles."""
+    inputs, rng = random_inputs(6, q_len=77, kv_len=90, head_dim=64)
+    mask = masks(rng, 2, 77, 90)[mask_name]
+    assert_half_precision_follows_float32_reference(functools.partial(attention, backend="cudnn"), inputs, mask)
 
 
 def test_flash_without_extra_values_returns_none():
@@ -111,8 +127,8 @@ def test_flash_without_extra_values_returns_none():
 def test_dot_product_attention_wrapper_matches_xla(mask_name):
     """The cudnn backend's wrapping (mask, zero rows, the routed channels as a padded value pass), run
     with ``jax.nn.dot_product_attention``'s portable implementation: only the kernel choice differs on GPU."""
-    inputs, rng = random_inputs(2, q_len=24, kv_len=30)
-    mask = masks(rng, 2, 24, 30)[mask_name]
+    inputs, rng = random_inputs(2, q_len=23, kv_len=29)  # odd lengths: the padding cuDNN needs
+    mask = masks(rng, 2, 23, 29)[mask_name]
     check_against_xla(functools.partial(dot_product_attention, implementation="xla"), inputs, mask)
 
 

@@ -157,7 +157,9 @@ def dot_product_attention(q, k, v, mask: MaskSpec, extra_values, implementation:
 
     The kernel returns no probabilities, so the shared value channels take a second pass with
     ``extra_values`` as the values of every key/value head, zero-padded to the head width the
-    kernel demands; summing its first C channels over heads gives the routed sums.
+    kernel demands; summing its first C channels over heads gives the routed sums. cuDNN's kernel
+    differentiates a masked attention only over even lengths (the visual learner's 729 image keys
+    are not), so an odd query axis gains a row that is dropped and an odd key axis a key nobody sees.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads, channels = k.shape[2], 0 if extra_values is None else extra_values.shape[-1]
@@ -166,16 +168,18 @@ def dot_product_attention(q, k, v, mask: MaskSpec, extra_values, implementation:
                          "use 'flash' or 'xla' for float32")
     if channels > head_dim:
         raise ValueError(f"{channels} extra value channels do not fit the head width {head_dim}")
-    visible = visibility(mask)
+    pad_q, pad_k = q_len % 2, k.shape[1] % 2
+    q, k, v = _pad_axis(q, 1, pad_q), _pad_axis(k, 1, pad_k), _pad_axis(v, 1, pad_k)
+    visible = _pad_axis(_pad_axis(visibility(mask), 1, pad_q), 2, pad_k)  # padding is False: hidden
     run = functools.partial(jax.nn.dot_product_attention, mask=visible[:, None], implementation=implementation)
     has_key = visible.any(axis=-1)[:, :, None, None]  # a query with no visible key gets zeros
-    out = jnp.where(has_key, run(q, k, v), 0.0).astype(q.dtype)
+    out = jnp.where(has_key, run(q, k, v), 0.0).astype(q.dtype)[:, :q_len]
     if extra_values is None:
         return out, None
-    padded = jnp.pad(extra_values, ((0, 0), (0, 0), (0, head_dim - channels))).astype(v.dtype)
+    padded = jnp.pad(extra_values, ((0, 0), (0, pad_k), (0, head_dim - channels))).astype(v.dtype)
     routed = jnp.where(has_key, run(q, k, jnp.broadcast_to(padded[:, :, None], (batch, k.shape[1], kv_heads,
                                                                                     head_dim))), 0.0)
-    return out, routed[..., :channels].astype(jnp.float32).sum(axis=2)
+    return out, routed[:, :q_len, :, :channels].astype(jnp.float32).sum(axis=2)
 
 
 def flash_attention(q, k, v, mask: MaskSpec, extra_values=None, block_q: int | None = None,
