@@ -108,7 +108,10 @@ def test_gradients_match_finite_differences():
             jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(tangent), strict=True))
         assert abs(analytic) > 1e-3, f"{part}: gradient is (nearly) zero"
         np.testing.assert_allclose(analytic, float(directional(params, tangent)), rtol=1e-4, err_msg=part)
-        eps = 1e-3
+        # a step small enough for the curvature and large enough for float32 rounding of the loss (~6): at
+        # 1e-3 the router's small derivative (0.009) was off by 3 % from rounding alone, at 3e-3 every part
+        # is within 0.6 %
+        eps = 3e-3
         ahead, behind = float(loss(_shifted(params, tangent, eps))), float(loss(_shifted(params, tangent, -eps)))
         numeric = (ahead - behind) / (2 * eps)
         np.testing.assert_allclose(analytic, numeric, rtol=2e-2, err_msg=part)

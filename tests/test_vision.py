@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from wings_jax import attention as attention_module
 from wings_jax.presets import TINY_VISION, tiny_model
 from wings_jax.projector import Projector
 from wings_jax.remat import maybe_remat, remat_policy
@@ -136,6 +137,18 @@ def test_features_match_torch_hidden_states(torch_tower, pixels, select_layer, s
     assert error <= TOLERANCE, f"select_layer={select_layer} scanned={scanned}: max abs error {error} > {TOLERANCE}"
 
 
+@pytest.mark.parametrize("scanned", [True, False], ids=["scan", "unrolled"])
+def test_blockwise_attention_backend_matches_torch(torch_tower, pixels, scanned, monkeypatch):
+    """The tower on the ``flash`` backend, its 16 patches cut into tiles of 8 queries x 6 keys (the last
+    key block padded), follows the torch tower as closely as the materialised path."""
+    monkeypatch.setitem(attention_module.FLASH_TILES, (jax.default_backend(), False), (8, 6))
+    tower = SiglipVisionTower(TINY_VISION, scan_layers=scanned, attention_backend="flash")
+    params = jax_params_from_torch(torch_tower, TINY_VISION.kept_layers, scanned)
+    features = np.asarray(jax.jit(tower.apply)({"params": params}, jnp.asarray(pixels)))
+    error = float(np.max(np.abs(features - _torch_hidden_states(torch_tower, pixels)[TINY_VISION.select_layer])))
+    assert error <= TOLERANCE, f"scanned={scanned}: max abs error {error} > {TOLERANCE}"
+
+
 def test_wings_features_differ_from_last_layer_and_post_layernorm(torch_tower, pixels):
     """Guards the parity test: the three candidate outputs are far apart, so a wrong pick would fail it."""
     hidden = _torch_hidden_states(torch_tower, pixels)
@@ -206,12 +219,15 @@ def test_remat_keeps_outputs_and_gradients(pixels, policy):
     def loss(tower, p):
         return jnp.sum(tower.apply({"params": p}, jnp.asarray(pixels)) ** 2)
 
-    plain_grads = jax.grad(lambda p: loss(plain, p))(params)
+    plain_grads = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
     remat_grads = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
     for (path, expected), actual in zip(jax.tree_util.tree_leaves_with_path(plain_grads),
                                         jax.tree.leaves(remat_grads), strict=True):
-        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+        # recomputation may fuse and round differently: allow float32 rounding at the gradient's own scale
+        # (the patch kernel's entries reach 160), far below what a wrong gradient would give
+        error = np.abs(np.asarray(actual) - np.asarray(expected)).max()
+        bound = 1e-5 + 1e-6 * np.abs(np.asarray(expected)).max()
+        assert error <= bound, f"{jax.tree_util.keystr(path)}: max abs error {error:.2e} > {bound:.2e}"
 
 
 def test_remat_policy_names():

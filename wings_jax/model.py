@@ -116,7 +116,8 @@ class WingsModel(nn.Module):
         batch, slots = pixel_values.shape[:2]
         pixels = jnp.where(image_valid[:, :, None, None, None], pixel_values, 0.0)
         tower = SiglipVisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=config.scan_layers,
-                                  remat_policy=config.remat_policy, name="vision_tower")
+                                  remat_policy=config.remat_policy, attention_backend=config.attention_backend,
+                                  name="vision_tower")
         # The tower is frozen in both stages: no gradient, and no backward pass through it.
         features = jax.lax.stop_gradient(tower(pixels.reshape(batch * slots, *pixels.shape[2:])))
         projected = Projector(config.projector, config.text.hidden_size, dtype=dtype, param_dtype=param_dtype,
