@@ -28,8 +28,9 @@ class MaskSpec:
 
 # ``auto`` picks the blockwise kernel once queries and keys both reach this length; below it (decode
 # steps with one query, tiny models) the reference is cheapest. Measured on CPU (fwd + bwd, causal,
-# 8 heads of 64 over 4 key/value heads): flash vs xla 0.73 vs 0.52 ms at L=64, 1.7 vs 2.0 ms at 128,
-# 4.8 vs 5.9 ms at 256, 14 vs 27 ms at 512.
+# 8 heads of 64 over 4 key/value heads, 2 router channels; re-measured after the keys-first backward):
+# flash vs xla 0.56-0.61 vs 0.47 ms at L=64, 1.2 vs 1.3-1.5 ms at 96, 1.7 vs 1.9-3.0 ms at 128,
+# 4.1-4.3 vs 5.3-5.7 ms at 256, 11 vs 17 ms at 512.
 AUTO_FLASH_MIN_LENGTH = 128
 # Tiles of the blockwise kernel, (query rows, keys), by platform and by whether the mask is causal; a
 # row is one query of one head, and the query heads sharing a key/value head share a tile, so a query
