@@ -16,7 +16,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.experimental import multihost_utils
+
+from wings_jax.checkpoint import host_restore
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -96,12 +99,15 @@ def own_data_state(data_states: list, where: str) -> Any:
 
 
 def restore_params(directory: str | Path, step: int | None = None) -> tuple[dict, int]:
-    """The parameters of a stage's checkpoint (the latest unless ``step``), as host arrays, with its step."""
-    manager = ocp.CheckpointManager(Path(directory).absolute(), item_names=(STATE_ITEM, DATA_ITEM),
-                                    options=ocp.CheckpointManagerOptions(create=False))
+    """The parameters of a stage's checkpoint (the latest unless ``step``), as host numpy arrays, with its
+    step. Reads only the parameters (not the optimizer state), whatever devices and mesh saved them."""
+    manager = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))
+    saved = manager.item_metadata(step)[STATE_ITEM].tree
+    keys = [("params", *key) for key in traverse_util.flatten_dict(saved["params"])]
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: host_restore(keys)}))
     manager.close()
     return restored[STATE_ITEM]["params"], step

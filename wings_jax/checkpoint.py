@@ -6,6 +6,7 @@ The converters write this layout and the trainer and generation code read it, wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,35 @@ def load_params(directory: str | Path, target: Any | None = None) -> tuple[Any, 
     """Read ``(params, config)`` from ``directory``.
 
     ``target``: an optional pytree of ``jax.ShapeDtypeStruct`` with shardings to restore sharded jax arrays
-    (and cast to its dtypes); without it the params come back as host numpy arrays in their stored dtypes.
+    (and cast to its dtypes); without it the params come back as host numpy arrays in their stored dtypes,
+    whatever devices wrote them.
     """
     directory = _checked(directory)
     config = ModelConfig.load(directory / CONFIG_FILE)
-    checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(directory / PARAMS_DIR, target)
+    if target is not None:
+        checkpointer = ocp.StandardCheckpointer()
+        params = checkpointer.restore(directory / PARAMS_DIR, target)
+    else:
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        metadata = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree
+        params = checkpointer.restore(directory / PARAMS_DIR, args=host_restore(traverse_util.flatten_dict(metadata)))
     checkpointer.close()
     return params, config
+
+
+def host_restore(keys: Iterable[tuple[str, ...]]) -> ocp.args.PyTreeRestore:
+    """Restore arguments that read the leaves at ``keys`` (paths of key tuples into the saved tree) as host
+    numpy arrays in their stored dtypes.
+
+    Without them Orbax puts each saved jax.Array back on the devices that wrote it, which fails on any
+    other machine or mesh: a checkpoint trained on a GPU or on 8 devices must load on a 1-CPU laptop.
+    """
+    keys = list(keys)
+    return ocp.args.PyTreeRestore(
+        item=traverse_util.unflatten_dict({key: np.empty(0) for key in keys}),
+        restore_args=traverse_util.unflatten_dict({key: ocp.RestoreArgs(restore_type=np.ndarray) for key in keys}),
+        partial_restore=True,
+    )
 
 
 class ParamLeaves:
@@ -88,11 +110,7 @@ class ParamLeaves:
         if unknown:
             raise KeyError(f"{self._params_dir} holds no params {unknown}")
         keys = [tuple(path.split("/")) for path in paths]
-        restored = self._checkpointer.restore(self._params_dir, args=ocp.args.PyTreeRestore(
-            item=traverse_util.unflatten_dict({key: np.empty(0) for key in keys}),
-            restore_args=traverse_util.unflatten_dict({key: ocp.RestoreArgs(restore_type=np.ndarray) for key in keys}),
-            partial_restore=True,
-        ))
+        restored = self._checkpointer.restore(self._params_dir, args=host_restore(keys))
         leaves = traverse_util.flatten_dict(restored)
         return {path: leaves[key] for path, key in zip(paths, keys, strict=True)}
 
