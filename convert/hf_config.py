@@ -6,6 +6,7 @@ old (``rope_theta`` / ``rope_scaling``) and new (``rope_parameters``) RoPE spell
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -61,10 +62,17 @@ def _rope(hf: transformers.PretrainedConfig, source: str) -> tuple[float, tuple 
     return float(params["rope_theta"]), scaling
 
 
+def _parsed(config_class: type[transformers.PretrainedConfig], data: dict) -> transformers.PretrainedConfig:
+    """``config_class.from_dict`` on a copy: transformers before 5.4 adds keys (``attn_implementation``) to
+    the dict it is given, and the converters write the dict they read back out unchanged (torch_config.json),
+    so a round trip must not see them."""
+    return config_class.from_dict(copy.deepcopy(data))
+
+
 def text_config_from_hf(data: dict, source: str) -> TextConfig:
     """The decoder described by an LLM ``config.json`` (a plain HF one or a Wings one)."""
     architecture = detect_architecture(data, source)
-    hf = _CONFIG_CLASSES[architecture].from_dict(data)
+    hf = _parsed(_CONFIG_CLASSES[architecture], data)
     head_dim = getattr(hf, "head_dim", None)
     if head_dim is not None and head_dim * hf.num_attention_heads != hf.hidden_size:
         raise ConversionError(f"{source}: head_dim={head_dim} is not hidden_size / num_attention_heads")
@@ -105,7 +113,7 @@ def hf_text_config(text: TextConfig, original: dict | None = None) -> dict:
 def vision_config_from_hf(data: dict, source: str) -> VisionConfig:
     """The SigLIP tower of a HF ``SiglipConfig`` (its ``vision_config``) or ``SiglipVisionConfig``."""
     data = data.get("vision_config", data)
-    hf = transformers.SiglipVisionConfig.from_dict(data)
+    hf = _parsed(transformers.SiglipVisionConfig, data)
     if hf.hidden_act != "gelu_pytorch_tanh":
         raise ConversionError(f"{source}: vision hidden_act={hf.hidden_act!r}; wings_jax's SigLIP uses "
                               "'gelu_pytorch_tanh'")
