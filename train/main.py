@@ -259,6 +259,7 @@ def train_loop(name, step_fn, state, iterator, partitioner: Partitioner, manager
     finally:
         writer.close()
         manager.close()
+        iterator.close()  # Grain's worker processes and prefetch buffers go now, not when collected
     print(run_summary(name, records, iterator.bad_records.summary(), time.perf_counter() - started))
     return records
 
