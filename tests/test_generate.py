@@ -119,9 +119,10 @@ def test_decode_chunks_give_the_same_generation(stage2, decode_chunk):
 def test_decode_reads_weights_and_caches_in_place(stage2):
     """The compiled decode loop copies no layer weights and no caches: scanned layers (weights sliced per
     layer), a cache read before its in-place write or laid out unlike its products would all copy them at
-    every step (wings_jax.kv_cache); on CPU, whose layouts the cache's were chosen for."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the cache layouts are chosen for XLA:CPU")
+    every step (wings_jax.kv_cache); on CPU, whose layouts the cache's were chosen for. XLA:CPU before
+    jax 0.9.2 lays the caches out otherwise and copies them (decoding is right, only slower)."""
+    if jax.default_backend() != "cpu" or jax.__version_info__ < (0, 9, 2):
+        pytest.skip("the cache layouts are chosen for XLA:CPU of jax 0.9.2 and later")
     config, params, batch = stage2
     config = config.replace(scan_layers=True)
     stacked = sharp_params(config)
