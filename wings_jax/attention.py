@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wings_jax import cpu_attention
 from wings_jax.config import ATTENTION_BACKENDS
+from wings_jax.cpu_attention import cpu_flash_attention
 
 
 @struct.dataclass
@@ -76,6 +78,8 @@ def attention(
         return _xla_attention(q, k, v, mask, extra_values)
     if backend == "flash":
         return flash_attention(q, k, v, mask, extra_values)
+    if backend == "cpu_flash":
+        return cpu_flash_attention(q, k, v, mask, extra_values)
     if backend == "splash":
         from wings_jax.pallas_attention import splash_attention  # imported here: it imports this module
 
@@ -94,6 +98,8 @@ def resolve_backend(backend: str, dtype, q_len: int, kv_len: int, platform: str 
         return "cudnn"
     if min(q_len, kv_len) < AUTO_FLASH_MIN_LENGTH:
         return "xla"
+    if platform == "cpu" and cpu_attention.usable(dtype):
+        return "cpu_flash"
     return "splash" if platform == "tpu" else "flash"
 
 

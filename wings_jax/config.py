@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-ATTENTION_BACKENDS = ("xla", "flash", "cudnn", "splash", "auto")
+ATTENTION_BACKENDS = ("xla", "flash", "cpu_flash", "cudnn", "splash", "auto")
 MASK_MODES = ("causal", "reference")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ARCHITECTURES = ("qwen2", "llama")
