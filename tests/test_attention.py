@@ -146,7 +146,7 @@ def test_auto_picks_by_platform_dtype_and_lengths():
     assert resolve_backend("auto", jnp.bfloat16, 1, 4096, platform="tpu") == "xla"  # a decode step
     assert resolve_backend("auto", jnp.float32, 64, 64, platform="cpu") == "xla"
     assert resolve_backend("auto", jnp.float32, 1, 4096, platform="cpu") == "xla"  # a decode step
-    assert resolve_backend("auto", jnp.float32, 4096, 4096, platform="cpu") == "flash"
+    assert resolve_backend("auto", jnp.bfloat16, 4096, 4096, platform="cpu") == "flash"
     assert resolve_backend("flash", jnp.float32, 8, 8, platform="cpu") == "flash"
     assert resolve_backend("splash", jnp.float32, 8, 8, platform="cpu") == "splash"
     with pytest.raises(ValueError, match="'pallas' is not one of"):

@@ -86,9 +86,10 @@ def text_batch(config, lengths, seed=0):
 
 @pytest.mark.parametrize("text", [TINY_QWEN2, TINY_LLAMA], ids=["qwen2", "llama3"])
 @pytest.mark.parametrize("scanned", [True, False], ids=["scan", "unrolled"])
-def test_logits_match_transformers(text, scanned):
+@pytest.mark.parametrize("backend", ["xla", "cpu_flash"])
+def test_logits_match_transformers(text, scanned, backend):
     config = tiny_model(text=text.architecture == "qwen2" and "tiny_qwen2" or "tiny_llama", scan_layers=scanned)
-    config = config.replace(wings=dataclasses.replace(config.wings, enabled=False))
+    config = config.replace(wings=dataclasses.replace(config.wings, enabled=False), attention_backend=backend)
     torch_model = hf_model(config.text)
     params = load_llm(jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0))),
                       torch_model, scanned)
@@ -102,7 +103,7 @@ def test_logits_match_transformers(text, scanned):
     real = batch["attention_mask"]
     error = np.abs(logits[real] - expected[real]).max()
     assert np.abs(expected).max() > 1.0
-    print(f"{text.architecture} scanned={scanned}: max abs logit error {error:.3g}")
+    print(f"{text.architecture} scanned={scanned} {backend}: max abs logit error {error:.3g}")
     assert error <= TOLERANCE, f"max abs logit error {error:.3g}"
 
 

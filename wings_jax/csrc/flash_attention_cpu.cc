@@ -210,22 +210,24 @@ struct TileMask {
   }
 };
 
-// dst (cols x rows) = src (rows x cols, row stride ld)^T, with dst's rows ld_dst apart.
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ld_dst) {
+// dst (cols x rows) = factor * src (rows x cols, row stride ld)^T, with dst's rows ld_dst apart.
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ld_dst,
+               float factor = 1.0f) {
   constexpr int64_t kBlock = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
       for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld_dst + r] = src[r * ld + c];
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld_dst + r] = factor * src[r * ld + c];
 }
 
 // src (rows x cols) transposed block by block: the block of rows [r0, r0 + w) becomes a contiguous
 // (cols x w) matrix at dst + r0 * cols. Transposed whole, a block's rows would lie a multiple of 4 KiB
 // apart and evict each other from the L1 cache in the products.
-void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float* dst) {
+void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float* dst,
+                      float factor = 1.0f) {
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t w = std::min(block, rows - r0);
-    transpose(src + r0 * cols, w, cols, cols, dst + r0 * cols, w);
+    transpose(src + r0 * cols, w, cols, cols, dst + r0 * cols, w, factor);
   }
 }
 
@@ -236,8 +238,8 @@ void forward_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, const floa
   const int64_t width = std::min(p.block_rows, p.rows - r0);
   const int64_t head = b * p.heads + h;
   const float* keys = k + head * p.keys * p.head_dim;
-  std::vector<float> q_cols(p.head_dim * width);  // the block's Q^T
-  transpose(q + (head * p.rows + r0) * p.head_dim, width, p.head_dim, p.head_dim, q_cols.data(), width);
+  std::vector<float> q_cols(p.head_dim * width);  // the block's Q^T, scaled: the products give scaled scores
+  transpose(q + (head * p.rows + r0) * p.head_dim, width, p.head_dim, p.head_dim, q_cols.data(), width, p.scale);
   TileMask mask(p, b);
   mask.set_rows(r0, width);
   std::vector<float> scores(p.block_keys * width), acc(p.value_dim * width, 0.0f);
@@ -248,7 +250,6 @@ void forward_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, const floa
     if (coverage == 0) continue;
     matmul(count, width, p.head_dim, keys + k0 * p.head_dim, p.head_dim, q_cols.data(), width, scores.data(), width,
            false);
-    for (int64_t i = 0; i < count * width; i += kLanes) store(&scores[i], load(&scores[i]) * splat(p.scale));
     if (coverage == 1) mask.hide(scores.data(), k0, count, width);
     for (int64_t r = 0; r < width; r += kLanes) {
       const Vec old_max = load(&row_max[r]);
@@ -306,7 +307,7 @@ void backward_head(const Problem& p, const Gradients& g, int64_t b, int64_t h) {
   // Q^T, dO^T and dQ^T by row blocks, K^T by key blocks (transpose_blocks)
   std::vector<float> qt(hd * p.rows), kt(hd * p.keys), d_out_t(vd * p.rows), d_qt(hd * p.rows, 0.0f);
   const int64_t bk = p.block_keys, br = p.block_rows;
-  transpose_blocks(q, p.rows, hd, br, qt.data());
+  transpose_blocks(q, p.rows, hd, br, qt.data(), p.scale);  // scaled scores from the products
   transpose_blocks(k, p.keys, hd, bk, kt.data());
   transpose_blocks(d_out, p.rows, vd, br, d_out_t.data());
   TileMask mask(p, b);
@@ -322,30 +323,30 @@ void backward_head(const Problem& p, const Gradients& g, int64_t b, int64_t h) {
       mask.set_rows(r0, width);
       const int coverage = mask.coverage(k0, count);
       if (coverage == 0) continue;
-      // P^T = exp(S^T * scale - lse), S^T = K Q^T
+      // P^T = exp(S^T - lse), S^T = K (scale Q)^T
       matmul(count, width, hd, k + k0 * hd, hd, qt.data() + r0 * hd, width, probs.data(), width, false);
-      for (int64_t i = 0; i < count * width; i += kLanes) store(&probs[i], load(&probs[i]) * splat(p.scale));
       if (coverage == 1) mask.hide(probs.data(), k0, count, width);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes)
           store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(lse + r0 + r)));
-      // dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T (dP^T - delta) * scale
+      // dV += P^T dO;  dP^T = V dO^T;  dS^T / scale = P^T (dP^T - delta)
       matmul(count, vd, width, probs.data(), width, d_out + r0 * vd, vd, d_v, vd, true);
       matmul(count, width, vd, v + k0 * vd, vd, d_out_t.data() + r0 * vd, width, d_scores.data(), width, false);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes) {
           const int64_t i = kk * width + r;
-          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(delta + r0 + r)) * splat(p.scale));
+          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(delta + r0 + r)));
         }
-      // dK += dS^T Q;  dQ^T += K^T dS^T
+      // dK / scale += (dS^T / scale) Q;  dQ^T / scale += K^T (dS^T / scale)
       matmul(count, hd, width, d_scores.data(), width, q + r0 * hd, hd, d_k, hd, true);
       matmul(hd, width, count, kt.data() + k0 * hd, count, d_scores.data(), width, d_qt.data() + r0 * hd, width,
              true);
     }
+    for (int64_t i = 0; i < count * hd; ++i) d_k[i] *= p.scale;
   }
   for (int64_t r0 = 0; r0 < p.rows; r0 += br) {
     const int64_t width = std::min(br, p.rows - r0);
-    transpose(d_qt.data() + r0 * hd, hd, width, width, g.d_q + (head * p.rows + r0) * hd, hd);
+    transpose(d_qt.data() + r0 * hd, hd, width, width, g.d_q + (head * p.rows + r0) * hd, hd, p.scale);
   }
 }
 
