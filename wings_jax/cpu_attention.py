@@ -14,13 +14,13 @@ import functools
 import hashlib
 import logging
 import math
-from typing import NamedTuple
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
