@@ -1,7 +1,7 @@
 """Memory of a training step as the sequence grows (the one image of the config stays fixed).
 
     python -m bench.memory_scaling --config configs/bench_small.py [--lengths=1024,2048,4096]
-        [--backends=xla,flash]
+        [--backends=xla,flash,cpu_flash]
 
 For every (attention backend, length) the step is compiled and XLA's memory plan read: ``temp`` is
 what the step needs beyond its arguments and outputs (activations, gradients, workspace), the figure
