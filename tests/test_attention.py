@@ -160,19 +160,24 @@ def tiny_stage2_case():
     return config, make_batch(config, [[4, "img", 9], [6]], seq_len=40), sharp_params(config)
 
 
-def test_stage2_model_with_flash_matches_xla():
-    """The whole stage-2 model: main attention with the router channels, both learners, loss and gradients."""
+def check_stage2_model_against_xla(backend: str):
+    """The whole stage-2 model on ``backend``: main attention with the router channels, both learners,
+    the loss and every gradient against the ``xla`` backend."""
     config, batch, params = tiny_stage2_case()
 
     def loss_and_grad(backend):
         model = WingsModel(config.replace(attention_backend=backend))
         return jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, batch)["loss"]))(params)
 
-    (want_loss, want_grads), (loss, grads) = loss_and_grad("xla"), loss_and_grad("flash")
+    (want_loss, want_grads), (loss, grads) = loss_and_grad("xla"), loss_and_grad(backend)
     assert_same(want_loss, loss, "loss")
     flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert_same(flat_want[path], grad, f"gradient {jax.tree_util.keystr(path)}")
+
+
+def test_stage2_model_with_flash_matches_xla():
+    check_stage2_model_against_xla("flash")
 
 
 def test_flash_gradient_inside_a_scan_holds_nothing_of_length_squared_size():

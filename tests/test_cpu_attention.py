@@ -10,11 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from test_attention import assert_same, check_against_xla, masks, random_inputs, tiny_stage2_case
+from test_attention import check_against_xla, check_stage2_model_against_xla, masks, random_inputs
 
 from wings_jax import cpu_attention
 from wings_jax.attention import MaskSpec, attention, resolve_backend
-from wings_jax.model import WingsModel
 
 if cpu_attention._compiler() is None:
     pytest.skip("no C++ compiler ($CXX or g++) to build the cpu_flash kernel", allow_module_level=True)
@@ -42,17 +41,7 @@ def test_kernel_matches_xla_over_many_blocks(mask_name, heads, kv_heads, head_di
 
 def test_stage2_model_on_the_kernel_matches_xla():
     """Main attention with the router channels and both learners, scanned layers: loss and every gradient."""
-    config, batch, params = tiny_stage2_case()
-
-    def loss_and_grad(backend):
-        model = WingsModel(config.replace(attention_backend=backend))
-        return jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, batch)["loss"]))(params)
-
-    (want_loss, want_grads), (loss, grads) = loss_and_grad("xla"), loss_and_grad("cpu_flash")
-    assert_same(want_loss, loss, "loss")
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
-    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
-        assert_same(flat_want[path], grad, f"gradient {jax.tree_util.keystr(path)}")
+    check_stage2_model_against_xla("cpu_flash")
 
 
 def test_auto_picks_the_kernel_for_float32_on_cpu_outside_meshes():
