@@ -13,7 +13,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -28,8 +27,6 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "csrc" / "flash_attention_cpu.cc"
 _TARGETS = {"wings_flash_forward_cpu": "WingsFlashForward", "wings_flash_backward_cpu": "WingsFlashBackward"}
-# The kernel's products need row counts and head / value widths in whole 16-float vectors.
-ALIGN = 16
 # Tiles of (rows, keys). Small key blocks skip most of a causal mask's hidden half; the row blocks are
 # the products' vector width.
 BLOCK_ROWS, BLOCK_KEYS = 64, 64
@@ -102,36 +99,30 @@ def usable(dtype) -> bool:
 
 
 def cpu_flash_attention(q, k, v, mask, extra_values=None):
-    """``wings_jax.attention.attention``'s contract on the compiled kernel (float32 only)."""
-    from wings_jax.attention import _pad_axis, _ride_along, _split_rows  # this module is imported by it
-
+    """``wings_jax.attention.attention``'s contract on the compiled kernel (float32 only). The kernel
+    reads and writes the model's layouts: any other layout here would be a transpose XLA fuses into
+    its producer, which cost more than the kernel saved."""
     if not available():
         raise RuntimeError("attention backend 'cpu_flash' needs the compiled CPU kernel; see the log for why it "
                            "is unavailable, or use 'flash'")
     if q.dtype != jnp.float32:
         raise ValueError(f"attention backend 'cpu_flash' runs float32 only, got {q.dtype}; use 'flash'")
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    pad_q = -q_len % (ALIGN // math.gcd(ALIGN, group))  # whole vectors of rows
-    width = head_dim + -head_dim % ALIGN  # zero columns change no score (the scale stays 1/sqrt(head_dim))
-    rows = _pad_axis(_pad_axis(q, 3, width - head_dim), 1, pad_q)
-    rows = rows.reshape(batch, q_len + pad_q, kv_heads, group, width).transpose(0, 2, 1, 3, 4)
-    rows = rows.reshape(batch, kv_heads, (q_len + pad_q) * group, width)
-    keys = _pad_axis(k, 3, width - head_dim).transpose(0, 2, 1, 3)
-    values = _ride_along(v.transpose(0, 2, 1, 3), extra_values)
-    value_width = values.shape[-1]
-    values = _pad_axis(values, 3, -value_width % ALIGN)
-    indices = (_pad_axis(mask.q_index, 1, pad_q).astype(jnp.int32), mask.kv_index.astype(jnp.int32),
-               mask.kv_valid.astype(jnp.int32))
-    settings = _Settings(group=group, causal=bool(mask.causal), scale=float(1.0 / np.sqrt(head_dim)))
-    out = _kernel(rows, keys, values, indices, settings)[..., :value_width]
-    out = out.reshape(batch, kv_heads, q_len + pad_q, group, value_width)[:, :, :q_len]
-    return _split_rows(out, head_dim, q.dtype, group_axis=3)
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    extra = (jnp.zeros((batch, kv_len, 0), jnp.float32) if extra_values is None
+             else extra_values.astype(jnp.float32))
+    indices = (mask.q_index.astype(jnp.int32), mask.kv_index.astype(jnp.int32), mask.kv_valid.astype(jnp.int32))
+    settings = _Settings(group=heads // kv_heads, causal=bool(mask.causal), scale=float(1.0 / np.sqrt(head_dim)))
+    out, routed = _kernel(q, k, v, extra, indices, settings)
+    if extra_values is None:
+        return out, None
+    # (B, KV, Lq * G, C) per head -> summed over the heads (B, Lq, C)
+    routed = routed.reshape(batch, kv_heads, q_len, settings.group, -1).sum(axis=(1, 3))
+    return out, routed
 
 
 class _Settings(NamedTuple):
-    group: int  # query heads per key/value head, folded into the rows
+    group: int  # query heads per key/value head
     causal: bool
     scale: float
 
@@ -144,31 +135,32 @@ def _call(target: str, results, *args, settings: _Settings):
     return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **settings.attributes())
 
 
-def _forward(rows, keys, values, indices, settings):
-    """rows (B, KV, R, hd), keys (B, KV, Lk, hd), values (B, KV, Lk, dv) -> out (B, KV, R, dv) and the
-    rows' log-sum-exp (B, KV, R)."""
-    results = (jax.ShapeDtypeStruct((*rows.shape[:3], values.shape[-1]), jnp.float32),
-               jax.ShapeDtypeStruct(rows.shape[:3], jnp.float32))
-    return _call("wings_flash_forward_cpu", results, rows, keys, values, *indices, settings=settings)
+def _forward(q, k, v, extra, indices, settings):
+    """out (like q), each head's weighted channel sums (B, KV, Lq * G, C) and its rows' log-sum-exp."""
+    rows = (q.shape[0], k.shape[2], q.shape[1] * settings.group)
+    results = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((*rows, extra.shape[-1]), jnp.float32),
+               jax.ShapeDtypeStruct(rows, jnp.float32))
+    return _call("wings_flash_forward_cpu", results, q, k, v, extra, *indices, settings=settings)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _kernel(rows, keys, values, indices, settings):
-    return _forward(rows, keys, values, indices, settings)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel(q, k, v, extra, indices, settings):
+    return _forward(q, k, v, extra, indices, settings)[:2]
 
 
-def _kernel_fwd(rows, keys, values, indices, settings):
-    out, lse = _forward(rows, keys, values, indices, settings)
-    return out, (rows, keys, values, indices, out, lse)
+def _kernel_fwd(q, k, v, extra, indices, settings):
+    out, routed, lse = _forward(q, k, v, extra, indices, settings)
+    return (out, routed), (q, k, v, extra, indices, out, routed, lse)
 
 
-def _kernel_bwd(settings, residuals, d_out):
-    rows, keys, values, indices, out, lse = residuals
-    delta = jnp.einsum("bkrd,bkrd->bkr", d_out, out)  # softmax backward: rowsum(dO * O)
-    results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (rows, keys, values))
-    d_rows, d_keys, d_values = _call("wings_flash_backward_cpu", results, rows, keys, values, d_out, lse, delta,
-                                     *indices, settings=settings)
-    return d_rows, d_keys, d_values, None
+def _kernel_bwd(settings, residuals, cotangents):
+    q, k, v, extra, indices, out, routed, lse = residuals
+    d_out, d_routed = cotangents
+    results = (*(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+               jax.ShapeDtypeStruct((*k.shape[:3:2], k.shape[1], extra.shape[-1]), jnp.float32))
+    d_q, d_k, d_v, d_extra = _call("wings_flash_backward_cpu", results, q, k, v, extra, *indices, out, routed, lse,
+                                   d_out, d_routed, settings=settings)
+    return d_q, d_k, d_v, d_extra.sum(axis=1), None  # the channels' cotangent, added over the heads
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)

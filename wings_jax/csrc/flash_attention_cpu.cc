@@ -38,7 +38,7 @@ constexpr int kLanes = 8;
 constexpr int kPanelVectors = 2;  // 6 x 16 accumulators: 12 of the 16 vector registers
 #endif
 constexpr int kPanelRows = 6;
-// Row counts and row widths of the products' right operands must be multiples of this (the callers pad).
+// The products' output widths must be whole vectors; buffers are padded to multiples of this.
 constexpr int kAlign = 16;
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
@@ -144,14 +144,35 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t max_workers, con
   while (progress->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// The arrays in the model's layouts: q and out (batch, queries, kv_heads * group, head_dim); k and v
+// (batch, keys, kv_heads, head_dim); extra value channels (batch, keys, channels), shared by every head.
+// A "head" below is one (batch, key/value head) pair, and its rows are (query, group member) pairs:
+// row r is query r / group of query head kv_head * group + r % group.
 struct Problem {
-  int64_t batch, heads, rows, queries, keys, head_dim, value_dim, group;
+  int64_t batch, kv_heads, group, queries, keys, head_dim, channels;
   bool causal;
   float scale;
   int64_t block_rows, block_keys;
   const int32_t* q_index;   // (batch, queries)
   const int32_t* kv_index;  // (batch, keys)
   const int32_t* kv_valid;  // (batch, keys)
+
+  int64_t heads() const { return batch * kv_heads; }
+  int64_t rows() const { return queries * group; }
+  int64_t value_dim() const { return head_dim + channels; }
+  // Offset of row r of head (b, h) in q, out, d_out or d_q.
+  int64_t row_offset(int64_t head, int64_t r) const {
+    const int64_t b = head / kv_heads, h = head % kv_heads;
+    return ((b * queries + r / group) * kv_heads * group + h * group + r % group) * head_dim;
+  }
+  // Offset of key j of head (b, h) in k or v, and in the extra channels.
+  int64_t key_offset(int64_t head, int64_t j) const {
+    const int64_t b = head / kv_heads, h = head % kv_heads;
+    return ((b * keys + j) * kv_heads + h) * head_dim;
+  }
+  int64_t channel_offset(int64_t head, int64_t j) const { return ((head / kv_heads) * keys + j) * channels; }
 };
 
 // Which rows of a row block may see which keys of a key block.
@@ -161,13 +182,14 @@ struct TileMask {
   std::vector<int32_t> row_query;  // q_index of each row of the current row block, padded to whole vectors
   int32_t first_query = 0, last_query = 0;
 
-  TileMask(const Problem& problem, int64_t batch_index) : p(problem), b(batch_index) {}
+  TileMask(const Problem& problem, int64_t head) : p(problem), b(head / problem.kv_heads) {}
 
+  // Rows [r0, r0 + count); the padding rows up to a whole vector see no key of a causal mask.
   void set_rows(int64_t r0, int64_t count) {
-    row_query.resize(count);
+    row_query.assign(round_up(count, kLanes), INT32_MIN);
     for (int64_t r = 0; r < count; ++r) row_query[r] = p.q_index[b * p.queries + (r0 + r) / p.group];
-    first_query = *std::min_element(row_query.begin(), row_query.end());
-    last_query = *std::max_element(row_query.begin(), row_query.end());
+    first_query = *std::min_element(row_query.begin(), row_query.begin() + count);
+    last_query = *std::max_element(row_query.begin(), row_query.begin() + count);
   }
 
   // 0: no row sees any key of [k0, k0 + count); 2: every row sees every key; 1: partly visible.
@@ -210,45 +232,61 @@ struct TileMask {
   }
 };
 
-// dst (cols x rows) = factor * src (rows x cols, row stride ld)^T, with dst's rows ld_dst apart.
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ld_dst,
-               float factor = 1.0f) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
-      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld_dst + r] = factor * src[r * ld + c];
-}
-
-// src (rows x cols) transposed block by block: the block of rows [r0, r0 + w) becomes a contiguous
-// (cols x w) matrix at dst + r0 * cols. Transposed whole, a block's rows would lie a multiple of 4 KiB
+// A head's keys-first operand: for each block of rows [r0, r0 + n) of a (rows x cols) matrix whose
+// row r starts at row(r), the contiguous (cols x round_up(n, 16)) transpose at dst + r0 * cols, times
+// factor, zero in the padding columns. Transposed whole, a block's rows would lie a multiple of 4 KiB
 // apart and evict each other from the L1 cache in the products.
-void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t block, float* dst,
-                      float factor = 1.0f) {
+template <typename RowStart>
+void transpose_blocks(RowStart row, int64_t rows, int64_t cols, int64_t block, float* dst, float factor = 1.0f) {
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t w = std::min(block, rows - r0);
-    transpose(src + r0 * cols, w, cols, cols, dst + r0 * cols, w, factor);
+    const int64_t n = std::min(block, rows - r0), width = round_up(n, kLanes);
+    float* out = dst + r0 * cols;
+    for (int64_t r = 0; r < n; ++r) {
+      const float* src = row(r0 + r);
+      for (int64_t c = 0; c < cols; ++c) out[c * width + r] = factor * src[c];
+    }
+    for (int64_t c = 0; c < cols; ++c) std::fill(out + c * width + n, out + (c + 1) * width, 0.0f);
   }
 }
 
-// One row block of the forward pass: out rows [r0, r0 + width) and their log-sum-exp. values_t is the
-// head's values transposed by key blocks (transpose_blocks).
-void forward_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, const float* q, const float* k,
-                  const float* values_t, float* out, float* lse) {
-  const int64_t width = std::min(p.block_rows, p.rows - r0);
-  const int64_t head = b * p.heads + h;
-  const float* keys = k + head * p.keys * p.head_dim;
-  std::vector<float> q_cols(p.head_dim * width);  // the block's Q^T, scaled: the products give scaled scores
-  transpose(q + (head * p.rows + r0) * p.head_dim, width, p.head_dim, p.head_dim, q_cols.data(), width, p.scale);
-  TileMask mask(p, b);
-  mask.set_rows(r0, width);
-  std::vector<float> scores(p.block_keys * width), acc(p.value_dim * width, 0.0f);
+// A head's value rows with the extra channels appended (value_dim wide), through
+// ``emit(j, column, x)`` for ``column`` in [0, value_dim) of key j; the columns of a key are emitted in order.
+template <typename Emit>
+void for_each_value(const Problem& p, const float* v, const float* extra, int64_t head, Emit emit) {
+  for (int64_t j = 0; j < p.keys; ++j) {
+    const float* value = v + p.key_offset(head, j);
+    const float* channel = extra + p.channel_offset(head, j);
+    auto column = emit(j);
+    for (int64_t c = 0; c < p.head_dim; ++c) column(c, value[c]);
+    for (int64_t c = 0; c < p.channels; ++c) column(p.head_dim + c, channel[c]);
+  }
+}
+
+struct Inputs {
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* extra;
+};
+
+// One row block of the forward pass: outputs, the rows' extra channels and log-sum-exp for rows
+// [r0, r0 + n). values_t holds the head's values transposed by key blocks.
+void forward_rows(const Problem& p, const Inputs& in, int64_t head, int64_t r0, const float* values_t, float* out,
+                  float* routed, float* lse) {
+  const int64_t n = std::min(p.block_rows, p.rows() - r0), width = round_up(n, kLanes);
+  const int64_t hd = p.head_dim, vd = p.value_dim(), key_stride = p.kv_heads * hd;
+  std::vector<float> q_cols(hd * width);  // the block's Q^T, scaled: the products give scaled scores
+  transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols.data(),
+                   p.scale);
+  TileMask mask(p, head);
+  mask.set_rows(r0, n);
+  std::vector<float> scores(p.block_keys * width), acc(vd * width, 0.0f);
   std::vector<float> row_max(width, -1e20f), denom(width, 0.0f), rescale(width);
   for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys) {
     const int64_t count = std::min(p.block_keys, p.keys - k0);
     const int coverage = mask.coverage(k0, count);
     if (coverage == 0) continue;
-    matmul(count, width, p.head_dim, keys + k0 * p.head_dim, p.head_dim, q_cols.data(), width, scores.data(), width,
+    matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, q_cols.data(), width, scores.data(), width,
            false);
     if (coverage == 1) mask.hide(scores.data(), k0, count, width);
     for (int64_t r = 0; r < width; r += kLanes) {
@@ -266,145 +304,197 @@ void forward_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, const floa
       store(&denom[r], load(&denom[r]) * factor + sum);
       store(&row_max[r], new_max);
     }
-    for (int64_t c = 0; c < p.value_dim; ++c)
+    for (int64_t c = 0; c < vd; ++c)
       for (int64_t r = 0; r < width; r += kLanes)
         store(&acc[c * width + r], load(&acc[c * width + r]) * load(&rescale[r]));
-    matmul(p.value_dim, width, count, values_t + k0 * p.value_dim, count, scores.data(), width, acc.data(), width,
-           true);
+    matmul(vd, width, count, values_t + k0 * vd, count, scores.data(), width, acc.data(), width, true);
   }
-  float* out_rows = out + (head * p.rows + r0) * p.value_dim;
-  float* lse_rows = lse + head * p.rows + r0;
-  for (int64_t r = 0; r < width; ++r) {
+  for (int64_t r = 0; r < n; ++r) {
     const bool seen = denom[r] > 0.0f;
     const float inverse = seen ? 1.0f / denom[r] : 0.0f;
-    for (int64_t c = 0; c < p.value_dim; ++c) out_rows[r * p.value_dim + c] = acc[c * width + r] * inverse;
-    lse_rows[r] = seen ? row_max[r] + std::log(denom[r]) : 0.0f;
+    float* out_row = out + p.row_offset(head, r0 + r);
+    for (int64_t c = 0; c < hd; ++c) out_row[c] = acc[c * width + r] * inverse;
+    float* routed_row = routed + (head * p.rows() + r0 + r) * p.channels;
+    for (int64_t c = 0; c < p.channels; ++c) routed_row[c] = acc[(hd + c) * width + r] * inverse;
+    lse[head * p.rows() + r0 + r] = seen ? row_max[r] + std::log(denom[r]) : 0.0f;
   }
 }
 
-struct Gradients {
-  const float* q;      // (B, H, rows, head_dim)
-  const float* k;      // (B, H, keys, head_dim)
-  const float* v;      // (B, H, keys, value_dim)
-  const float* d_out;  // (B, H, rows, value_dim)
-  const float* lse;    // (B, H, rows)
-  const float* delta;  // (B, H, rows): rowsum(dO * O)
-  float* d_q;          // (B, H, rows, head_dim)
-  float* d_k;          // (B, H, keys, head_dim)
-  float* d_v;          // (B, H, keys, value_dim)
+struct Cotangents {
+  const float* out;       // (B, Lq, H, head_dim)
+  const float* routed;    // (B, KV, rows, channels): each head's weighted channel sums
+  const float* lse;       // (B, KV, rows)
+  const float* d_out;     // like out
+  const float* d_routed;  // like routed
+  float* d_q;             // like q
+  float* d_k;             // like k
+  float* d_v;             // like v
+  float* d_extra;         // (B, KV, keys, channels): each head's share
 };
 
-// The backward pass of one (batch, head): every key block against every row block it can see.
-void backward_head(const Problem& p, const Gradients& g, int64_t b, int64_t h) {
-  const int64_t head = b * p.heads + h;
-  const int64_t hd = p.head_dim, vd = p.value_dim;
-  const float* q = g.q + head * p.rows * hd;
-  const float* k = g.k + head * p.keys * hd;
-  const float* v = g.v + head * p.keys * vd;
-  const float* d_out = g.d_out + head * p.rows * vd;
-  const float* lse = g.lse + head * p.rows;
-  const float* delta = g.delta + head * p.rows;
-  // Q^T, dO^T and dQ^T by row blocks, K^T by key blocks (transpose_blocks)
-  std::vector<float> qt(hd * p.rows), kt(hd * p.keys), d_out_t(vd * p.rows), d_qt(hd * p.rows, 0.0f);
+// A thread's scratch buffer, kept between calls: allocated afresh, a call's few MB were page faults
+// on every step.
+struct Scratch {
+  std::vector<float> data;
+  float* get(size_t n) {
+    if (data.size() < n) data.resize(n);
+    return data.data();
+  }
+  float* get(size_t n, float value) { return std::fill_n(get(n), n, value) - n; }
+};
+
+struct BackwardScratch {
+  Scratch q_rows, values, d_out, lse, delta, qt, d_out_t, kt, d_qt, probs, d_scores, d_k, d_v;
+};
+
+// The backward pass of one head: every key block against every row block it can see.
+void backward_head(const Problem& p, const Inputs& in, const Cotangents& g, int64_t head) {
+  const int64_t hd = p.head_dim, vd = p.value_dim(), rows = p.rows(), key_stride = p.kv_heads * hd;
+  const int64_t hd_pad = round_up(hd, kLanes), vd_pad = round_up(vd, kLanes), rows_pad = round_up(rows, kLanes);
   const int64_t bk = p.block_keys, br = p.block_rows;
-  transpose_blocks(q, p.rows, hd, br, qt.data(), p.scale);  // scaled scores from the products
-  transpose_blocks(k, p.keys, hd, bk, kt.data());
-  transpose_blocks(d_out, p.rows, vd, br, d_out_t.data());
-  TileMask mask(p, b);
-  std::vector<float> probs(bk * br), d_scores(bk * br);
+  auto q_row = [&](int64_t r) { return in.q + p.row_offset(head, r); };
+  // Row-major copies the products need whole: Q (hd_pad wide), values with channels, dO with the
+  // channels' cotangents (vd_pad wide); and by blocks (transpose_blocks): Q^T scaled, dO^T, K^T, dQ^T.
+  thread_local BackwardScratch scratch;
+  float* q_rows = scratch.q_rows.get(rows_pad * hd_pad, 0.0f);
+  float* values = scratch.values.get(p.keys * vd);
+  float* d_out = scratch.d_out.get(rows_pad * vd_pad, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) std::copy(q_row(r), q_row(r) + hd, &q_rows[r * hd_pad]);
+  for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
+    return [row = &values[j * vd]](int64_t c, float x) { row[c] = x; };
+  });
+  float* lse = scratch.lse.get(rows_pad, 1e30f);  // padding rows: exp(s - 1e30) = 0
+  float* delta = scratch.delta.get(rows_pad, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* d_row = g.d_out + p.row_offset(head, r);
+    const float* out_row = g.out + p.row_offset(head, r);
+    const float* d_routed = g.d_routed + (head * rows + r) * p.channels;
+    const float* routed = g.routed + (head * rows + r) * p.channels;
+    float sum = 0.0f;  // softmax backward: delta = rowsum(dO * O), channels included
+    for (int64_t c = 0; c < hd; ++c) sum += d_row[c] * out_row[c];
+    for (int64_t c = 0; c < p.channels; ++c) sum += d_routed[c] * routed[c];
+    std::copy(d_row, d_row + hd, &d_out[r * vd_pad]);
+    std::copy(d_routed, d_routed + p.channels, &d_out[r * vd_pad + hd]);
+    delta[r] = sum;
+    lse[r] = g.lse[head * rows + r];
+  }
+  float* qt = scratch.qt.get(hd * rows_pad);
+  float* d_out_t = scratch.d_out_t.get(vd * rows_pad);
+  float* d_qt = scratch.d_qt.get(hd * rows_pad, 0.0f);
+  transpose_blocks(q_row, rows, hd, br, qt, p.scale);  // scaled scores from the products
+  transpose_blocks([&](int64_t r) { return &d_out[r * vd_pad]; }, rows, vd, br, d_out_t);
+  float* kt = scratch.kt.get(hd * round_up(p.keys, kLanes));
+  transpose_blocks([&](int64_t j) { return in.k + p.key_offset(head, j); }, p.keys, hd, bk, kt);
+  TileMask mask(p, head);
+  float* probs = scratch.probs.get(bk * br);
+  float* d_scores = scratch.d_scores.get(bk * br);
   for (int64_t k0 = 0; k0 < p.keys; k0 += bk) {
-    const int64_t count = std::min(bk, p.keys - k0);
-    float* d_k = g.d_k + (head * p.keys + k0) * hd;
-    float* d_v = g.d_v + (head * p.keys + k0) * vd;
-    std::fill(d_k, d_k + count * hd, 0.0f);
-    std::fill(d_v, d_v + count * vd, 0.0f);
-    for (int64_t r0 = 0; r0 < p.rows; r0 += br) {
-      const int64_t width = std::min(br, p.rows - r0);
-      mask.set_rows(r0, width);
+    const int64_t count = std::min(bk, p.keys - k0), count_pad = round_up(count, kLanes);
+    float* d_k = scratch.d_k.get(bk * hd_pad, 0.0f);
+    float* d_v = scratch.d_v.get(bk * vd_pad, 0.0f);
+    for (int64_t r0 = 0; r0 < rows; r0 += br) {
+      const int64_t n = std::min(br, rows - r0), width = round_up(n, kLanes);
+      mask.set_rows(r0, n);
       const int coverage = mask.coverage(k0, count);
       if (coverage == 0) continue;
       // P^T = exp(S^T - lse), S^T = K (scale Q)^T
-      matmul(count, width, hd, k + k0 * hd, hd, qt.data() + r0 * hd, width, probs.data(), width, false);
-      if (coverage == 1) mask.hide(probs.data(), k0, count, width);
+      matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, &qt[r0 * hd], width, probs, width,
+             false);
+      if (coverage == 1) mask.hide(probs, k0, count, width);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes)
-          store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(lse + r0 + r)));
+          store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(&lse[r0 + r])));
       // dV += P^T dO;  dP^T = V dO^T;  dS^T / scale = P^T (dP^T - delta)
-      matmul(count, vd, width, probs.data(), width, d_out + r0 * vd, vd, d_v, vd, true);
-      matmul(count, width, vd, v + k0 * vd, vd, d_out_t.data() + r0 * vd, width, d_scores.data(), width, false);
+      matmul(count, vd_pad, width, probs, width, &d_out[r0 * vd_pad], vd_pad, d_v, vd_pad, true);
+      matmul(count, width, vd, &values[k0 * vd], vd, &d_out_t[r0 * vd], width, d_scores, width, false);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes) {
           const int64_t i = kk * width + r;
-          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(delta + r0 + r)));
+          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(&delta[r0 + r])));
         }
       // dK / scale += (dS^T / scale) Q;  dQ^T / scale += K^T (dS^T / scale)
-      matmul(count, hd, width, d_scores.data(), width, q + r0 * hd, hd, d_k, hd, true);
-      matmul(hd, width, count, kt.data() + k0 * hd, count, d_scores.data(), width, d_qt.data() + r0 * hd, width,
-             true);
+      matmul(count, hd_pad, width, d_scores, width, &q_rows[r0 * hd_pad], hd_pad, d_k, hd_pad, true);
+      matmul(hd, width, count, &kt[k0 * hd], count_pad, d_scores, width, &d_qt[r0 * hd], width, true);
     }
-    for (int64_t i = 0; i < count * hd; ++i) d_k[i] *= p.scale;
+    for (int64_t kk = 0; kk < count; ++kk) {
+      float* d_key = g.d_k + p.key_offset(head, k0 + kk);
+      float* d_value = g.d_v + p.key_offset(head, k0 + kk);
+      float* d_channel = g.d_extra + (head * p.keys + k0 + kk) * p.channels;
+      for (int64_t c = 0; c < hd; ++c) d_key[c] = p.scale * d_k[kk * hd_pad + c];
+      for (int64_t c = 0; c < hd; ++c) d_value[c] = d_v[kk * vd_pad + c];
+      for (int64_t c = 0; c < p.channels; ++c) d_channel[c] = d_v[kk * vd_pad + hd + c];
+    }
   }
-  for (int64_t r0 = 0; r0 < p.rows; r0 += br) {
-    const int64_t width = std::min(br, p.rows - r0);
-    transpose(d_qt.data() + r0 * hd, hd, width, width, g.d_q + (head * p.rows + r0) * hd, hd, p.scale);
+  for (int64_t r0 = 0; r0 < rows; r0 += br) {
+    const int64_t n = std::min(br, rows - r0), width = round_up(n, kLanes);
+    for (int64_t r = 0; r < n; ++r) {
+      float* d_row = g.d_q + p.row_offset(head, r0 + r);
+      for (int64_t c = 0; c < hd; ++c) d_row[c] = p.scale * d_qt[r0 * hd + c * width + r];
+    }
   }
+}
+
+Problem make_problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& extra,
+                     ffi::Buffer<ffi::S32>& q_index, ffi::Buffer<ffi::S32>& kv_index, ffi::Buffer<ffi::S32>& kv_valid,
+                     int64_t group, bool causal, float scale, int64_t block_rows, int64_t block_keys) {
+  const auto q_dims = q.dimensions(), k_dims = k.dimensions();  // (B, Lq, H, hd), (B, Lk, KV, hd)
+  return Problem{q_dims[0], k_dims[2], group, q_dims[1], k_dims[1], q_dims[3], extra.dimensions()[2], causal, scale,
+                 block_rows, block_keys, q_index.typed_data(), kv_index.typed_data(), kv_valid.typed_data()};
 }
 
 ffi::Error check_problem(const Problem& p) {
-  if (p.rows % kAlign || p.head_dim % kAlign || p.value_dim % kAlign || p.block_rows % kAlign)
-    return ffi::Error::InvalidArgument("wings flash attention (CPU): rows, head and value widths and the row block "
-                                       "must be multiples of 16 (the JAX wrapper pads them)");
-  if (p.group <= 0 || p.rows != p.queries * p.group)
-    return ffi::Error::InvalidArgument("wings flash attention (CPU): rows must be queries * group");
+  if (p.block_rows % kAlign)
+    return ffi::Error::InvalidArgument("wings flash attention (CPU): the row block must be a multiple of 16");
   return ffi::Error::Success();
-}
-
-Problem make_problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                     ffi::Buffer<ffi::S32>& q_index, ffi::Buffer<ffi::S32>& kv_index, ffi::Buffer<ffi::S32>& kv_valid,
-                     int64_t group, bool causal, float scale, int64_t block_rows, int64_t block_keys) {
-  const auto dims = k.dimensions();  // (B, H, keys, head_dim)
-  return Problem{dims[0], dims[1], q.dimensions()[2], q_index.dimensions()[1], dims[2], dims[3],
-                 v.dimensions()[3], group, causal, scale, block_rows, block_keys, q_index.typed_data(),
-                 kv_index.typed_data(), kv_valid.typed_data()};
 }
 
 int64_t workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 ffi::Error flash_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_index, ffi::Buffer<ffi::S32> kv_index,
-                         ffi::Buffer<ffi::S32> kv_valid, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::S32> q_index,
+                         ffi::Buffer<ffi::S32> kv_index, ffi::Buffer<ffi::S32> kv_valid,
+                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> routed,
                          ffi::ResultBuffer<ffi::F32> lse, int64_t group, bool causal, float scale, int64_t block_rows,
                          int64_t block_keys) {
-  const Problem p = make_problem(q, k, v, q_index, kv_index, kv_valid, group, causal, scale, block_rows, block_keys);
+  const Problem p = make_problem(q, k, extra, q_index, kv_index, kv_valid, group, causal, scale, block_rows,
+                                 block_keys);
   if (auto error = check_problem(p); error.failure()) return error;
-  const int64_t heads = p.batch * p.heads, head_values = p.keys * p.value_dim;
-  std::vector<float> values_t(heads * head_values);
-  parallel_for(pool, heads, workers(pool), [&](int64_t head) {
-    transpose_blocks(v.typed_data() + head * head_values, p.keys, p.value_dim, p.block_keys,
-                     values_t.data() + head * head_values);
+  const Inputs in{q.typed_data(), k.typed_data(), v.typed_data(), extra.typed_data()};
+  const int64_t head_values = p.keys * p.value_dim();
+  thread_local Scratch scratch;
+  float* values_t = scratch.get(p.heads() * head_values);  // each head's values transposed by key blocks
+  parallel_for(pool, p.heads(), workers(pool), [&](int64_t head) {
+    float* dst = values_t + head * head_values;
+    for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
+      const int64_t k0 = j / p.block_keys * p.block_keys, count = std::min(p.block_keys, p.keys - k0);
+      return [column = dst + k0 * p.value_dim() + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
+    });
   });
-  const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-  parallel_for(pool, heads * row_blocks, workers(pool), [&](int64_t task) {
-    const int64_t head = task / row_blocks, r0 = (task % row_blocks) * p.block_rows;
-    forward_rows(p, head / p.heads, head % p.heads, r0, q.typed_data(), k.typed_data(),
-                 values_t.data() + head * head_values, out->typed_data(), lse->typed_data());
+  const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
+  parallel_for(pool, p.heads() * row_blocks, workers(pool), [&](int64_t task) {
+    const int64_t head = task / row_blocks;
+    forward_rows(p, in, head, (task % row_blocks) * p.block_rows, values_t + head * head_values,
+                 out->typed_data(), routed->typed_data(), lse->typed_data());
   });
   return ffi::Error::Success();
 }
 
 ffi::Error flash_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
-                          ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> q_index, ffi::Buffer<ffi::S32> kv_index,
-                          ffi::Buffer<ffi::S32> kv_valid, ffi::ResultBuffer<ffi::F32> d_q,
-                          ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v, int64_t group, bool causal,
-                          float scale, int64_t block_rows, int64_t block_keys) {
-  const Problem p = make_problem(q, k, v, q_index, kv_index, kv_valid, group, causal, scale, block_rows, block_keys);
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::S32> q_index,
+                          ffi::Buffer<ffi::S32> kv_index, ffi::Buffer<ffi::S32> kv_valid, ffi::Buffer<ffi::F32> out,
+                          ffi::Buffer<ffi::F32> routed, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+                          ffi::Buffer<ffi::F32> d_routed, ffi::ResultBuffer<ffi::F32> d_q,
+                          ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v,
+                          ffi::ResultBuffer<ffi::F32> d_extra, int64_t group, bool causal, float scale,
+                          int64_t block_rows, int64_t block_keys) {
+  const Problem p = make_problem(q, k, extra, q_index, kv_index, kv_valid, group, causal, scale, block_rows,
+                                 block_keys);
   if (auto error = check_problem(p); error.failure()) return error;
-  const Gradients g{q.typed_data(), k.typed_data(), v.typed_data(), d_out.typed_data(), lse.typed_data(),
-                    delta.typed_data(), d_q->typed_data(), d_k->typed_data(), d_v->typed_data()};
-  parallel_for(pool, p.batch * p.heads, workers(pool), [&](int64_t head) {
-    backward_head(p, g, head / p.heads, head % p.heads);
-  });
+  const Inputs in{q.typed_data(), k.typed_data(), v.typed_data(), extra.typed_data()};
+  const Cotangents g{out.typed_data(),    routed.typed_data(), lse.typed_data(),   d_out.typed_data(),
+                     d_routed.typed_data(), d_q->typed_data(), d_k->typed_data(), d_v->typed_data(),
+                     d_extra->typed_data()};
+  parallel_for(pool, p.heads(), workers(pool), [&](int64_t head) { backward_head(p, in, g, head); });
   return ffi::Error::Success();
 }
 
@@ -413,14 +503,16 @@ ffi::Error flash_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WingsFlashForward, flash_forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q (B, H, rows, head_dim)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k (B, H, keys, head_dim)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v (B, H, keys, value_dim)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_index (B, queries)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_index (B, keys)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_valid (B, keys)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out (B, H, rows, value_dim)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse (B, H, rows)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q (B, Lq, H, head_dim)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k (B, Lk, KV, head_dim)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v (B, Lk, KV, head_dim)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // extra value channels (B, Lk, C)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_index (B, Lq)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_index (B, Lk)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_valid (B, Lk)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out (B, Lq, H, head_dim)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // routed (B, KV, Lq * G, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse (B, KV, Lq * G)
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("causal")
                                   .Attr<float>("scale")
@@ -433,15 +525,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WingsFlashBackward, flash_backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out (B, H, rows, value_dim)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse (B, H, rows)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta (B, H, rows)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // extra
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_index
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_index
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_valid
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_q (B, H, rows, head_dim)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // routed
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_routed
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_q
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_k
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_v
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_extra (B, KV, Lk, C): per head
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("causal")
                                   .Attr<float>("scale")
