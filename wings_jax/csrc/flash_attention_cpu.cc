@@ -385,7 +385,11 @@ void backward_head(const Problem& p, const Inputs& in, const Cotangents& g, int6
   transpose_blocks([&](int64_t r) { return &d_out[r * vd_pad]; }, rows, vd, br, d_out_t);
   float* kt = scratch.kt.get(hd * round_up(p.keys, kLanes));
   transpose_blocks([&](int64_t j) { return in.k + p.key_offset(head, j); }, p.keys, hd, bk, kt);
-  TileMask mask(p, head);
+  std::vector<TileMask> row_masks;  // one per row block, built once rather than for every tile
+  for (int64_t r0 = 0; r0 < rows; r0 += br) {
+    row_masks.emplace_back(p, head);
+    row_masks.back().set_rows(r0, std::min(br, rows - r0));
+  }
   float* probs = scratch.probs.get(bk * br);
   float* d_scores = scratch.d_scores.get(bk * br);
   for (int64_t k0 = 0; k0 < p.keys; k0 += bk) {
@@ -394,7 +398,7 @@ void backward_head(const Problem& p, const Inputs& in, const Cotangents& g, int6
     float* d_v = scratch.d_v.get(bk * vd_pad, 0.0f);
     for (int64_t r0 = 0; r0 < rows; r0 += br) {
       const int64_t n = std::min(br, rows - r0), width = round_up(n, kLanes);
-      mask.set_rows(r0, n);
+      const TileMask& mask = row_masks[r0 / br];
       const int coverage = mask.coverage(k0, count);
       if (coverage == 0) continue;
       // P^T = exp(S^T - lse), S^T = K (scale Q)^T
