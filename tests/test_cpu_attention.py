@@ -29,10 +29,12 @@ def test_kernel_matches_xla_on_every_mask(mask_name):
 
 
 @pytest.mark.parametrize("mask_name", ["causal_padded", "causal_sparse_shifted", "full_sparse"])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 2, 32), (4, 4, 72)], ids=["group3", "group1_width72"])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 2, 32), (4, 4, 72), (4, 1, 16)],
+                         ids=["group3", "group1_width72", "two_heads_split"])
 def test_kernel_matches_xla_over_many_blocks(mask_name, heads, kv_heads, head_dim):
     """Lengths spanning several 64-key and 64-row blocks with partial last blocks: visible, hidden and
-    partly visible tiles; a group of 3 pads the queries to whole vectors of rows."""
+    partly visible tiles; rows that are not whole vectors (group 3); and, with 2 (batch, key/value head)
+    pairs for 2 threads, a backward split over key blocks with dQ summed over the parts."""
     inputs, rng = random_inputs(1, q_len=150, kv_len=203, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     mask = masks(rng, 2, 150, 203)[mask_name]
     mask = MaskSpec(mask.q_index + 203 - 150, mask.kv_index, mask.kv_valid, mask.causal)  # the last query sees all

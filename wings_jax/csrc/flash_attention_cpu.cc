@@ -40,6 +40,8 @@ constexpr int kPanelVectors = 2;  // 6 x 16 accumulators: 12 of the 16 vector re
 constexpr int kPanelRows = 6;
 // The products' output widths must be whole vectors; buffers are padded to multiples of this.
 constexpr int kAlign = 16;
+// At most this many floats (256 MiB) of per-chunk dQ buffers in the backward pass.
+constexpr int64_t kMaxChunkFloats = int64_t{1} << 26;
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -343,82 +345,105 @@ struct Scratch {
   float* get(size_t n, float value) { return std::fill_n(get(n), n, value) - n; }
 };
 
-struct BackwardScratch {
-  Scratch q_rows, values, d_out, lse, delta, qt, d_out_t, kt, d_qt, probs, d_scores, d_k, d_v;
+// The sizes of one head's backward operands: rows and widths padded to whole vectors.
+struct BackwardShape {
+  int64_t hd, vd, rows, keys, hd_pad, vd_pad, rows_pad, keys_pad;
+  explicit BackwardShape(const Problem& p)
+      : hd(p.head_dim), vd(p.value_dim()), rows(p.rows()), keys(p.keys), hd_pad(round_up(hd, kLanes)),
+        vd_pad(round_up(vd, kLanes)), rows_pad(round_up(rows, kLanes)), keys_pad(round_up(keys, kLanes)) {}
+  int64_t floats() const {
+    return rows_pad * hd_pad + keys * vd + rows_pad * vd_pad + 2 * rows_pad + (hd + vd) * rows_pad + hd * keys_pad;
+  }
 };
 
-// The backward pass of one head: every key block against every row block it can see.
-void backward_head(const Problem& p, const Inputs& in, const Cotangents& g, int64_t head) {
-  const int64_t hd = p.head_dim, vd = p.value_dim(), rows = p.rows(), key_stride = p.kv_heads * hd;
-  const int64_t hd_pad = round_up(hd, kLanes), vd_pad = round_up(vd, kLanes), rows_pad = round_up(rows, kLanes);
-  const int64_t bk = p.block_keys, br = p.block_rows;
+// One head's operands of the backward pass, made once and shared by the tasks of its key blocks.
+// Row-major copies the products need whole: Q (hd_pad wide), the values with the channels, dO with the
+// channels' cotangents (vd_pad wide); by blocks (transpose_blocks): Q^T scaled, dO^T and K^T.
+struct HeadOperands {
+  float *q_rows, *values, *d_out, *lse, *delta, *qt, *d_out_t, *kt;
+  std::vector<TileMask> row_masks;  // one per row block
+
+  HeadOperands(const Problem& p, const BackwardShape& s, float* base, int64_t head) {
+    q_rows = base;
+    values = q_rows + s.rows_pad * s.hd_pad;
+    d_out = values + s.keys * s.vd;
+    lse = d_out + s.rows_pad * s.vd_pad;
+    delta = lse + s.rows_pad;
+    qt = delta + s.rows_pad;
+    d_out_t = qt + s.hd * s.rows_pad;
+    kt = d_out_t + s.vd * s.rows_pad;
+    for (int64_t r0 = 0; r0 < s.rows; r0 += p.block_rows) {
+      row_masks.emplace_back(p, head);
+      row_masks.back().set_rows(r0, std::min(p.block_rows, s.rows - r0));
+    }
+  }
+};
+
+void prepare_head(const Problem& p, const BackwardShape& s, const Inputs& in, const Cotangents& g, int64_t head,
+                  const HeadOperands& ops) {
   auto q_row = [&](int64_t r) { return in.q + p.row_offset(head, r); };
-  // Row-major copies the products need whole: Q (hd_pad wide), values with channels, dO with the
-  // channels' cotangents (vd_pad wide); and by blocks (transpose_blocks): Q^T scaled, dO^T, K^T, dQ^T.
-  thread_local BackwardScratch scratch;
-  float* q_rows = scratch.q_rows.get(rows_pad * hd_pad, 0.0f);
-  float* values = scratch.values.get(p.keys * vd);
-  float* d_out = scratch.d_out.get(rows_pad * vd_pad, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) std::copy(q_row(r), q_row(r) + hd, &q_rows[r * hd_pad]);
+  std::fill_n(ops.q_rows, s.rows_pad * s.hd_pad, 0.0f);
+  std::fill_n(ops.d_out, s.rows_pad * s.vd_pad, 0.0f);
+  std::fill_n(ops.lse, s.rows_pad, 1e30f);  // padding rows: exp(s - 1e30) = 0
+  std::fill_n(ops.delta, s.rows_pad, 0.0f);
+  for (int64_t r = 0; r < s.rows; ++r) std::copy(q_row(r), q_row(r) + s.hd, &ops.q_rows[r * s.hd_pad]);
   for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
-    return [row = &values[j * vd]](int64_t c, float x) { row[c] = x; };
+    return [row = &ops.values[j * s.vd]](int64_t c, float x) { row[c] = x; };
   });
-  float* lse = scratch.lse.get(rows_pad, 1e30f);  // padding rows: exp(s - 1e30) = 0
-  float* delta = scratch.delta.get(rows_pad, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < s.rows; ++r) {
     const float* d_row = g.d_out + p.row_offset(head, r);
     const float* out_row = g.out + p.row_offset(head, r);
-    const float* d_routed = g.d_routed + (head * rows + r) * p.channels;
-    const float* routed = g.routed + (head * rows + r) * p.channels;
+    const float* d_routed = g.d_routed + (head * s.rows + r) * p.channels;
+    const float* routed = g.routed + (head * s.rows + r) * p.channels;
     float sum = 0.0f;  // softmax backward: delta = rowsum(dO * O), channels included
-    for (int64_t c = 0; c < hd; ++c) sum += d_row[c] * out_row[c];
+    for (int64_t c = 0; c < s.hd; ++c) sum += d_row[c] * out_row[c];
     for (int64_t c = 0; c < p.channels; ++c) sum += d_routed[c] * routed[c];
-    std::copy(d_row, d_row + hd, &d_out[r * vd_pad]);
-    std::copy(d_routed, d_routed + p.channels, &d_out[r * vd_pad + hd]);
-    delta[r] = sum;
-    lse[r] = g.lse[head * rows + r];
+    std::copy(d_row, d_row + s.hd, &ops.d_out[r * s.vd_pad]);
+    std::copy(d_routed, d_routed + p.channels, &ops.d_out[r * s.vd_pad + s.hd]);
+    ops.delta[r] = sum;
+    ops.lse[r] = g.lse[head * s.rows + r];
   }
-  float* qt = scratch.qt.get(hd * rows_pad);
-  float* d_out_t = scratch.d_out_t.get(vd * rows_pad);
-  float* d_qt = scratch.d_qt.get(hd * rows_pad, 0.0f);
-  transpose_blocks(q_row, rows, hd, br, qt, p.scale);  // scaled scores from the products
-  transpose_blocks([&](int64_t r) { return &d_out[r * vd_pad]; }, rows, vd, br, d_out_t);
-  float* kt = scratch.kt.get(hd * round_up(p.keys, kLanes));
-  transpose_blocks([&](int64_t j) { return in.k + p.key_offset(head, j); }, p.keys, hd, bk, kt);
-  std::vector<TileMask> row_masks;  // one per row block, built once rather than for every tile
-  for (int64_t r0 = 0; r0 < rows; r0 += br) {
-    row_masks.emplace_back(p, head);
-    row_masks.back().set_rows(r0, std::min(br, rows - r0));
-  }
-  float* probs = scratch.probs.get(bk * br);
-  float* d_scores = scratch.d_scores.get(bk * br);
-  for (int64_t k0 = 0; k0 < p.keys; k0 += bk) {
+  transpose_blocks(q_row, s.rows, s.hd, p.block_rows, ops.qt, p.scale);  // scaled scores from the products
+  transpose_blocks([&](int64_t r) { return &ops.d_out[r * s.vd_pad]; }, s.rows, s.vd, p.block_rows, ops.d_out_t);
+  transpose_blocks([&](int64_t j) { return in.k + p.key_offset(head, j); }, s.keys, s.hd, p.block_keys, ops.kt);
+}
+
+// The key blocks [k_begin, k_end) of one head against every row block they can see: their dK and dV,
+// and their part of dQ^T / scale added into d_qt (by row blocks).
+void backward_keys(const Problem& p, const BackwardShape& s, const Inputs& in, const Cotangents& g,
+                   const HeadOperands& ops, int64_t head, int64_t k_begin, int64_t k_end, float* d_qt) {
+  const int64_t hd = s.hd, vd = s.vd, hd_pad = s.hd_pad, vd_pad = s.vd_pad;
+  const int64_t bk = p.block_keys, br = p.block_rows, key_stride = p.kv_heads * hd;
+  thread_local Scratch probs_buffer, d_scores_buffer, d_k_buffer, d_v_buffer;
+  float* probs = probs_buffer.get(bk * br);
+  float* d_scores = d_scores_buffer.get(bk * br);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += bk) {
     const int64_t count = std::min(bk, p.keys - k0), count_pad = round_up(count, kLanes);
-    float* d_k = scratch.d_k.get(bk * hd_pad, 0.0f);
-    float* d_v = scratch.d_v.get(bk * vd_pad, 0.0f);
-    for (int64_t r0 = 0; r0 < rows; r0 += br) {
-      const int64_t n = std::min(br, rows - r0), width = round_up(n, kLanes);
-      const TileMask& mask = row_masks[r0 / br];
+    float* d_k = d_k_buffer.get(bk * hd_pad, 0.0f);
+    float* d_v = d_v_buffer.get(bk * vd_pad, 0.0f);
+    for (int64_t r0 = 0; r0 < s.rows; r0 += br) {
+      const int64_t width = round_up(std::min(br, s.rows - r0), kLanes);
+      const TileMask& mask = ops.row_masks[r0 / br];
       const int coverage = mask.coverage(k0, count);
       if (coverage == 0) continue;
       // P^T = exp(S^T - lse), S^T = K (scale Q)^T
-      matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, &qt[r0 * hd], width, probs, width,
+      matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, &ops.qt[r0 * hd], width, probs, width,
              false);
       if (coverage == 1) mask.hide(probs, k0, count, width);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes)
-          store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(&lse[r0 + r])));
+          store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(&ops.lse[r0 + r])));
       // dV += P^T dO;  dP^T = V dO^T;  dS^T / scale = P^T (dP^T - delta)
-      matmul(count, vd_pad, width, probs, width, &d_out[r0 * vd_pad], vd_pad, d_v, vd_pad, true);
-      matmul(count, width, vd, &values[k0 * vd], vd, &d_out_t[r0 * vd], width, d_scores, width, false);
+      matmul(count, vd_pad, width, probs, width, &ops.d_out[r0 * vd_pad], vd_pad, d_v, vd_pad, true);
+      matmul(count, width, vd, &ops.values[k0 * vd], vd, &ops.d_out_t[r0 * vd], width, d_scores, width, false);
       for (int64_t kk = 0; kk < count; ++kk)
         for (int64_t r = 0; r < width; r += kLanes) {
           const int64_t i = kk * width + r;
-          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(&delta[r0 + r])));
+          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(&ops.delta[r0 + r])));
         }
       // dK / scale += (dS^T / scale) Q;  dQ^T / scale += K^T (dS^T / scale)
-      matmul(count, hd_pad, width, d_scores, width, &q_rows[r0 * hd_pad], hd_pad, d_k, hd_pad, true);
-      matmul(hd, width, count, &kt[k0 * hd], count_pad, d_scores, width, &d_qt[r0 * hd], width, true);
+      matmul(count, hd_pad, width, d_scores, width, &ops.q_rows[r0 * hd_pad], hd_pad, d_k, hd_pad, true);
+      matmul(hd, width, count, &ops.kt[k0 * hd], count_pad, d_scores, width, &d_qt[r0 * hd], width, true);
     }
     for (int64_t kk = 0; kk < count; ++kk) {
       float* d_key = g.d_k + p.key_offset(head, k0 + kk);
@@ -429,11 +454,21 @@ void backward_head(const Problem& p, const Inputs& in, const Cotangents& g, int6
       for (int64_t c = 0; c < p.channels; ++c) d_channel[c] = d_v[kk * vd_pad + hd + c];
     }
   }
-  for (int64_t r0 = 0; r0 < rows; r0 += br) {
-    const int64_t n = std::min(br, rows - r0), width = round_up(n, kLanes);
+}
+
+// dQ of one head: scale times the sum of the chunks' dQ^T / scale, back in the model's layout.
+void finish_head(const Problem& p, const BackwardShape& s, const Cotangents& g, int64_t head,
+                 const float* d_qt_chunks, int64_t chunks, int64_t chunk_stride) {
+  for (int64_t r0 = 0; r0 < s.rows; r0 += p.block_rows) {
+    const int64_t n = std::min(p.block_rows, s.rows - r0), width = round_up(n, kLanes);
     for (int64_t r = 0; r < n; ++r) {
       float* d_row = g.d_q + p.row_offset(head, r0 + r);
-      for (int64_t c = 0; c < hd; ++c) d_row[c] = p.scale * d_qt[r0 * hd + c * width + r];
+      for (int64_t c = 0; c < s.hd; ++c) {
+        float sum = 0.0f;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk)
+          sum += d_qt_chunks[chunk * chunk_stride + r0 * s.hd + c * width + r];
+        d_row[c] = p.scale * sum;
+      }
     }
   }
 }
@@ -498,7 +533,41 @@ ffi::Error flash_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const Cotangents g{out.typed_data(),    routed.typed_data(), lse.typed_data(),   d_out.typed_data(),
                      d_routed.typed_data(), d_q->typed_data(), d_k->typed_data(), d_v->typed_data(),
                      d_extra->typed_data()};
-  parallel_for(pool, p.heads(), workers(pool), [&](int64_t head) { backward_head(p, in, g, head); });
+  // Tasks are (head, chunk of its key blocks). With fewer than two heads per thread, each head is split
+  // so that no thread idles, and each chunk adds its part of dQ^T into a buffer of its own, summed at
+  // the end (on bench_small's 2 cores, splitting 4 heads in 2 was 8 % slower: it is a fallback). With
+  // enough heads a task is a whole head, prepared right before its tiles (still in cache).
+  const BackwardShape shape(p);
+  const int64_t heads = p.heads(), key_blocks = (p.keys + p.block_keys - 1) / p.block_keys;
+  const int64_t head_dq = shape.hd * shape.rows_pad;
+  int64_t chunks = std::clamp<int64_t>((2 * workers(pool) + heads - 1) / heads, 1, key_blocks);
+  chunks = std::min(chunks, std::max<int64_t>(1, kMaxChunkFloats / (heads * head_dq)));
+  thread_local Scratch operands_buffer, d_qt_buffer;
+  float* operands = operands_buffer.get(heads * shape.floats());
+  float* d_qt = d_qt_buffer.get(chunks * heads * head_dq);
+  std::vector<HeadOperands> ops;
+  for (int64_t head = 0; head < heads; ++head) ops.emplace_back(p, shape, operands + head * shape.floats(), head);
+  auto prepare = [&](int64_t head) {
+    prepare_head(p, shape, in, g, head, ops[head]);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) std::fill_n(d_qt + (chunk * heads + head) * head_dq, head_dq, 0.0f);
+  };
+  auto finish = [&](int64_t head) { finish_head(p, shape, g, head, d_qt + head * head_dq, chunks, heads * head_dq); };
+  if (chunks == 1) {
+    parallel_for(pool, heads, workers(pool), [&](int64_t head) {
+      prepare(head);
+      backward_keys(p, shape, in, g, ops[head], head, 0, p.keys, d_qt + head * head_dq);
+      finish(head);
+    });
+    return ffi::Error::Success();
+  }
+  parallel_for(pool, heads, workers(pool), prepare);
+  parallel_for(pool, heads * chunks, workers(pool), [&](int64_t task) {
+    const int64_t head = task / chunks, chunk = task % chunks;
+    const int64_t k_begin = chunk * key_blocks / chunks * p.block_keys;
+    const int64_t k_end = std::min(p.keys, (chunk + 1) * key_blocks / chunks * p.block_keys);
+    backward_keys(p, shape, in, g, ops[head], head, k_begin, k_end, d_qt + (chunk * heads + head) * head_dq);
+  });
+  parallel_for(pool, heads, workers(pool), finish);
   return ffi::Error::Success();
 }
 
