@@ -102,7 +102,8 @@ def restore_params(directory: str | Path, step: int | None = None) -> tuple[dict
     """The parameters of a stage's checkpoint (the latest unless ``step``), as host numpy arrays, with its
     step. Reads only the parameters (not the optimizer state), whatever devices and mesh saved them."""
     manager = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False),
-                                    item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+                                    item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+                                                   DATA_ITEM: ocp.JsonCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {directory}")
