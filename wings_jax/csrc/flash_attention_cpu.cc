@@ -52,7 +52,9 @@ inline Vec load(const float* p) {
   return v;
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec splat(float x) { return Vec{} + x; }
+// x - 0 is x for every float (0 + x is not, for x = -0), so the compiler makes this one broadcast from
+// memory; ``Vec{} + x`` cost an add and a register broadcast on the FMA port per use (products 1.5x slower).
+inline Vec splat(float x) { return x - Vec{}; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 
 // exp over a vector (Cody-Waite reduction, Cephes' expf polynomial, about 1 ulp), exactly 0 below
@@ -272,11 +274,11 @@ struct Inputs {
 };
 
 // One row block of the forward pass: outputs, the rows' extra channels and log-sum-exp for rows
-// [r0, r0 + n). values_t holds the head's values transposed by key blocks.
-void forward_rows(const Problem& p, const Inputs& in, int64_t head, int64_t r0, const float* values_t, float* out,
-                  float* routed, float* lse) {
+// [r0, r0 + n). keys holds the head's keys contiguously, values_t its values transposed by key blocks.
+void forward_rows(const Problem& p, const Inputs& in, int64_t head, int64_t r0, const float* keys,
+                  const float* values_t, float* out, float* routed, float* lse) {
   const int64_t n = std::min(p.block_rows, p.rows() - r0), width = round_up(n, kLanes);
-  const int64_t hd = p.head_dim, vd = p.value_dim(), key_stride = p.kv_heads * hd;
+  const int64_t hd = p.head_dim, vd = p.value_dim();
   std::vector<float> q_cols(hd * width);  // the block's Q^T, scaled: the products give scaled scores
   transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols.data(),
                    p.scale);
@@ -288,8 +290,7 @@ void forward_rows(const Problem& p, const Inputs& in, int64_t head, int64_t r0, 
     const int64_t count = std::min(p.block_keys, p.keys - k0);
     const int coverage = mask.coverage(k0, count);
     if (coverage == 0) continue;
-    matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, q_cols.data(), width, scores.data(), width,
-           false);
+    matmul(count, width, hd, keys + k0 * hd, hd, q_cols.data(), width, scores.data(), width, false);
     if (coverage == 1) mask.hide(scores.data(), k0, count, width);
     for (int64_t r = 0; r < width; r += kLanes) {
       const Vec old_max = load(&row_max[r]);
@@ -473,6 +474,71 @@ void finish_head(const Problem& p, const BackwardShape& s, const Cotangents& g, 
   }
 }
 
+// The forward pass of every head: out, each head's weighted channel sums and its rows' log-sum-exp.
+// ``parallel(count, task)`` runs task(i) for i in [0, count) on the available threads.
+template <typename Parallel>
+void forward(const Problem& p, const Inputs& in, float* out, float* routed, float* lse, Parallel parallel) {
+  const int64_t head_keys = p.keys * p.head_dim, head_values = p.keys * p.value_dim();
+  thread_local Scratch keys_buffer, values_buffer;
+  float* keys = keys_buffer.get(p.heads() * head_keys);  // each head's keys, contiguous
+  float* values_t = values_buffer.get(p.heads() * head_values);  // each head's values transposed by key blocks
+  parallel(p.heads(), [&](int64_t head) {
+    for (int64_t j = 0; j < p.keys; ++j)
+      std::copy_n(in.k + p.key_offset(head, j), p.head_dim, keys + head * head_keys + j * p.head_dim);
+    float* dst = values_t + head * head_values;
+    for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
+      const int64_t k0 = j / p.block_keys * p.block_keys, count = std::min(p.block_keys, p.keys - k0);
+      return [column = dst + k0 * p.value_dim() + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
+    });
+  });
+  const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
+  parallel(p.heads() * row_blocks, [&](int64_t task) {
+    const int64_t head = task / row_blocks;
+    forward_rows(p, in, head, (task % row_blocks) * p.block_rows, keys + head * head_keys,
+                 values_t + head * head_values, out, routed, lse);
+  });
+}
+
+// The backward pass of every head. Tasks are (head, chunk of its key blocks). With fewer than two heads
+// per thread, each head is split so that no thread idles, and each chunk adds its part of dQ^T into a
+// buffer of its own, summed at the end (on bench_small's 2 cores, splitting 4 heads in 2 was 8 % slower:
+// it is a fallback). With enough heads a task is a whole head, prepared right before its tiles (still in
+// cache).
+template <typename Parallel>
+void backward(const Problem& p, const Inputs& in, const Cotangents& g, int64_t threads, Parallel parallel) {
+  const BackwardShape shape(p);
+  const int64_t heads = p.heads(), key_blocks = (p.keys + p.block_keys - 1) / p.block_keys;
+  const int64_t head_dq = shape.hd * shape.rows_pad;
+  int64_t chunks = std::clamp<int64_t>((2 * threads + heads - 1) / heads, 1, key_blocks);
+  chunks = std::min(chunks, std::max<int64_t>(1, kMaxChunkFloats / (heads * head_dq)));
+  thread_local Scratch operands_buffer, d_qt_buffer;
+  float* operands = operands_buffer.get(heads * shape.floats());
+  float* d_qt = d_qt_buffer.get(chunks * heads * head_dq);
+  std::vector<HeadOperands> ops;
+  for (int64_t head = 0; head < heads; ++head) ops.emplace_back(p, shape, operands + head * shape.floats(), head);
+  auto prepare = [&](int64_t head) {
+    prepare_head(p, shape, in, g, head, ops[head]);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) std::fill_n(d_qt + (chunk * heads + head) * head_dq, head_dq, 0.0f);
+  };
+  auto finish = [&](int64_t head) { finish_head(p, shape, g, head, d_qt + head * head_dq, chunks, heads * head_dq); };
+  if (chunks == 1) {
+    parallel(heads, [&](int64_t head) {
+      prepare(head);
+      backward_keys(p, shape, in, g, ops[head], head, 0, p.keys, d_qt + head * head_dq);
+      finish(head);
+    });
+    return;
+  }
+  parallel(heads, prepare);
+  parallel(heads * chunks, [&](int64_t task) {
+    const int64_t head = task / chunks, chunk = task % chunks;
+    const int64_t k_begin = chunk * key_blocks / chunks * p.block_keys;
+    const int64_t k_end = std::min(p.keys, (chunk + 1) * key_blocks / chunks * p.block_keys);
+    backward_keys(p, shape, in, g, ops[head], head, k_begin, k_end, d_qt + (chunk * heads + head) * head_dq);
+  });
+  parallel(heads, finish);
+}
+
 Problem make_problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& extra,
                      ffi::Buffer<ffi::S32>& q_index, ffi::Buffer<ffi::S32>& kv_index, ffi::Buffer<ffi::S32>& kv_valid,
                      int64_t group, bool causal, float scale, int64_t block_rows, int64_t block_keys) {
@@ -499,22 +565,8 @@ ffi::Error flash_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                                  block_keys);
   if (auto error = check_problem(p); error.failure()) return error;
   const Inputs in{q.typed_data(), k.typed_data(), v.typed_data(), extra.typed_data()};
-  const int64_t head_values = p.keys * p.value_dim();
-  thread_local Scratch scratch;
-  float* values_t = scratch.get(p.heads() * head_values);  // each head's values transposed by key blocks
-  parallel_for(pool, p.heads(), workers(pool), [&](int64_t head) {
-    float* dst = values_t + head * head_values;
-    for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
-      const int64_t k0 = j / p.block_keys * p.block_keys, count = std::min(p.block_keys, p.keys - k0);
-      return [column = dst + k0 * p.value_dim() + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
-    });
-  });
-  const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
-  parallel_for(pool, p.heads() * row_blocks, workers(pool), [&](int64_t task) {
-    const int64_t head = task / row_blocks;
-    forward_rows(p, in, head, (task % row_blocks) * p.block_rows, values_t + head * head_values,
-                 out->typed_data(), routed->typed_data(), lse->typed_data());
-  });
+  forward(p, in, out->typed_data(), routed->typed_data(), lse->typed_data(),
+          [&](int64_t count, const auto& task) { parallel_for(pool, count, workers(pool), task); });
   return ffi::Error::Success();
 }
 
@@ -533,41 +585,8 @@ ffi::Error flash_backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const Cotangents g{out.typed_data(),    routed.typed_data(), lse.typed_data(),   d_out.typed_data(),
                      d_routed.typed_data(), d_q->typed_data(), d_k->typed_data(), d_v->typed_data(),
                      d_extra->typed_data()};
-  // Tasks are (head, chunk of its key blocks). With fewer than two heads per thread, each head is split
-  // so that no thread idles, and each chunk adds its part of dQ^T into a buffer of its own, summed at
-  // the end (on bench_small's 2 cores, splitting 4 heads in 2 was 8 % slower: it is a fallback). With
-  // enough heads a task is a whole head, prepared right before its tiles (still in cache).
-  const BackwardShape shape(p);
-  const int64_t heads = p.heads(), key_blocks = (p.keys + p.block_keys - 1) / p.block_keys;
-  const int64_t head_dq = shape.hd * shape.rows_pad;
-  int64_t chunks = std::clamp<int64_t>((2 * workers(pool) + heads - 1) / heads, 1, key_blocks);
-  chunks = std::min(chunks, std::max<int64_t>(1, kMaxChunkFloats / (heads * head_dq)));
-  thread_local Scratch operands_buffer, d_qt_buffer;
-  float* operands = operands_buffer.get(heads * shape.floats());
-  float* d_qt = d_qt_buffer.get(chunks * heads * head_dq);
-  std::vector<HeadOperands> ops;
-  for (int64_t head = 0; head < heads; ++head) ops.emplace_back(p, shape, operands + head * shape.floats(), head);
-  auto prepare = [&](int64_t head) {
-    prepare_head(p, shape, in, g, head, ops[head]);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) std::fill_n(d_qt + (chunk * heads + head) * head_dq, head_dq, 0.0f);
-  };
-  auto finish = [&](int64_t head) { finish_head(p, shape, g, head, d_qt + head * head_dq, chunks, heads * head_dq); };
-  if (chunks == 1) {
-    parallel_for(pool, heads, workers(pool), [&](int64_t head) {
-      prepare(head);
-      backward_keys(p, shape, in, g, ops[head], head, 0, p.keys, d_qt + head * head_dq);
-      finish(head);
-    });
-    return ffi::Error::Success();
-  }
-  parallel_for(pool, heads, workers(pool), prepare);
-  parallel_for(pool, heads * chunks, workers(pool), [&](int64_t task) {
-    const int64_t head = task / chunks, chunk = task % chunks;
-    const int64_t k_begin = chunk * key_blocks / chunks * p.block_keys;
-    const int64_t k_end = std::min(p.keys, (chunk + 1) * key_blocks / chunks * p.block_keys);
-    backward_keys(p, shape, in, g, ops[head], head, k_begin, k_end, d_qt + (chunk * heads + head) * head_dq);
-  });
-  parallel_for(pool, heads, workers(pool), finish);
+  backward(p, in, g, workers(pool),
+           [&](int64_t count, const auto& task) { parallel_for(pool, count, workers(pool), task); });
   return ffi::Error::Success();
 }
 
