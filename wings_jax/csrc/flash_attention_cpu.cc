@@ -10,10 +10,11 @@
 // hidden part of a tile. Here every tile stays in cache from its first product to its last, and
 // tiles are small enough (64 keys) that a causal mask wastes little.
 //
-// Every tile is computed keys-first, (keys, rows), so that the softmax runs down the columns with
-// whole vectors of rows, and every product is C (+)= A B with row-major operands; the kernel makes the
-// transposes this needs (Q^T, K^T, V^T, dO^T) itself: XLA:CPU fused them into their producers and
-// ran those at a fraction of memory speed.
+// Every product is C (+)= A B with row-major B, and A read as stored or transposed. Forward tiles are
+// keys-first, (keys, rows), so that the online softmax runs down the columns with whole vectors of
+// rows. Backward tiles are rows-first, (rows, keys): the products that need a tile transposed read it
+// as it is, and only the key side (K^T, V^T) is transposed, once per head. The kernel makes its
+// transposes itself: XLA:CPU fused them into their producers and ran those at a fraction of memory speed.
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -57,6 +59,17 @@ inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 inline Vec splat(float x) { return x - Vec{}; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 
+// sum of a[i] b[i] for i < n, in vector partial sums: a scalar sum waits on each add in turn.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec partial = Vec{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) partial += load(a + i) * load(b + i);
+  float sum = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 // exp over a vector (Cody-Waite reduction, Cephes' expf polynomial, about 1 ulp), exactly 0 below
 // -87 so that a hidden entry's exp(-1e30 - m) is 0 as in the XLA kernels.
 inline Vec vexp(Vec x) {
@@ -79,8 +92,10 @@ inline Vec vexp(Vec x) {
   return x < splat(-87.0f) ? splat(0.0f) : p * scale;
 }
 
-// C (rows x width) = [C +] A (rows x depth) B (depth x width) for kPanelRows x NV vectors of C at once.
-template <int Rows, int NV>
+// C (rows x width) = [C +] A (rows x depth) B (depth x width) for Rows x NV vectors of C at once. A's
+// element (r, k) is a[r * lda + k], or a[k * lda + r] when TransA (A stored as its transpose): either
+// way it is broadcast from memory, so the transpose costs nothing.
+template <int Rows, int NV, bool TransA>
 inline void panel(int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                   bool accumulate) {
   Vec acc[Rows][NV];
@@ -90,7 +105,7 @@ inline void panel(int64_t depth, const float* a, int64_t lda, const float* b, in
     Vec bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
     for (int r = 0; r < Rows; ++r) {
-      const Vec ar = splat(a[r * lda + k]);
+      const Vec ar = splat(TransA ? a[k * lda + r] : a[r * lda + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bk[v];
     }
   }
@@ -98,32 +113,35 @@ inline void panel(int64_t depth, const float* a, int64_t lda, const float* b, in
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-template <int NV>
+template <int NV, bool TransA>
 void column_panel(int64_t rows, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                   int64_t ldc, bool accumulate) {
+  const int64_t row_step = TransA ? 1 : lda;  // from one row of A to the next
   int64_t r = 0;
   for (; r + kPanelRows <= rows; r += kPanelRows)
-    panel<kPanelRows, NV>(depth, a + r * lda, lda, b, ldb, c + r * ldc, ldc, accumulate);
-  const float* ar = a + r * lda;
+    panel<kPanelRows, NV, TransA>(depth, a + r * row_step, lda, b, ldb, c + r * ldc, ldc, accumulate);
+  const float* ar = a + r * row_step;
   float* cr = c + r * ldc;
   switch (rows - r) {
-    case 1: panel<1, NV>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
-    case 2: panel<2, NV>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
-    case 3: panel<3, NV>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
-    case 4: panel<4, NV>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
-    case 5: panel<5, NV>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
+    case 1: panel<1, NV, TransA>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
+    case 2: panel<2, NV, TransA>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
+    case 3: panel<3, NV, TransA>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
+    case 4: panel<4, NV, TransA>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
+    case 5: panel<5, NV, TransA>(depth, ar, lda, b, ldb, cr, ldc, accumulate); break;
     default: break;
   }
 }
 
-// C (rows x width) = [C +] A (rows x depth) B (depth x width), all row-major; width % kLanes == 0.
+// C (rows x width) = [C +] A (rows x depth) B (depth x width), row-major, A stored transposed (depth x
+// rows) when TransA; width % kLanes == 0.
+template <bool TransA = false>
 void matmul(int64_t rows, int64_t width, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
             float* c, int64_t ldc, bool accumulate) {
   constexpr int64_t kPanelWidth = kPanelVectors * kLanes;
   int64_t j = 0;
   for (; j + kPanelWidth <= width; j += kPanelWidth)
-    column_panel<kPanelVectors>(rows, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
-  for (; j < width; j += kLanes) column_panel<1>(rows, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+    column_panel<kPanelVectors, TransA>(rows, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  for (; j < width; j += kLanes) column_panel<1, TransA>(rows, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
 }
 
 // Runs task(index) for index in [0, count) on the caller and up to max_workers - 1 pool threads.
@@ -179,14 +197,44 @@ struct Problem {
   int64_t channel_offset(int64_t head, int64_t j) const { return ((head / kv_heads) * keys + j) * channels; }
 };
 
+// What the mask says of one key block of one batch row: whether any or all of its keys are valid, and
+// the smallest and largest index of its valid keys.
+struct KeyBlock {
+  bool any = false, all = true;
+  int32_t first_key = INT32_MAX, last_key = INT32_MIN;
+};
+
+// Every key block of every batch row, (batch, key blocks), summarised once per call rather than at each
+// of its tiles.
+std::vector<KeyBlock> summarize_key_blocks(const Problem& p) {
+  const int64_t blocks = (p.keys + p.block_keys - 1) / p.block_keys;
+  std::vector<KeyBlock> summary(p.batch * blocks);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t j = 0; j < p.keys; ++j) {
+      KeyBlock& block = summary[b * blocks + j / p.block_keys];
+      if (!p.kv_valid[b * p.keys + j]) {
+        block.all = false;
+        continue;
+      }
+      const int32_t index = p.kv_index[b * p.keys + j];
+      block.any = true;
+      block.first_key = std::min(block.first_key, index);
+      block.last_key = std::max(block.last_key, index);
+    }
+  return summary;
+}
+
 // Which rows of a row block may see which keys of a key block.
 struct TileMask {
   const Problem& p;
   int64_t b;
+  const KeyBlock* key_blocks;  // this batch row's
   std::vector<int32_t> row_query;  // q_index of each row of the current row block, padded to whole vectors
   int32_t first_query = 0, last_query = 0;
 
-  TileMask(const Problem& problem, int64_t head) : p(problem), b(head / problem.kv_heads) {}
+  TileMask(const Problem& problem, const std::vector<KeyBlock>& summary, int64_t head)
+      : p(problem), b(head / problem.kv_heads),
+        key_blocks(summary.data() + b * ((problem.keys + problem.block_keys - 1) / problem.block_keys)) {}
 
   // Rows [r0, r0 + count); the padding rows up to a whole vector see no key of a causal mask.
   void set_rows(int64_t r0, int64_t count) {
@@ -196,23 +244,11 @@ struct TileMask {
     last_query = *std::max_element(row_query.begin(), row_query.begin() + count);
   }
 
-  // 0: no row sees any key of [k0, k0 + count); 2: every row sees every key; 1: partly visible.
-  int coverage(int64_t k0, int64_t count) const {
-    const int32_t* index = p.kv_index + b * p.keys + k0;
-    const int32_t* valid = p.kv_valid + b * p.keys + k0;
-    bool any = false, all = true;
-    int32_t first_key = INT32_MAX, last_key = INT32_MIN;
-    for (int64_t k = 0; k < count; ++k) {
-      if (!valid[k]) {
-        all = false;
-        continue;
-      }
-      any = true;
-      first_key = std::min(first_key, index[k]);
-      last_key = std::max(last_key, index[k]);
-    }
-    if (!any || (p.causal && first_key > last_query)) return 0;
-    return all && (!p.causal || last_key <= first_query) ? 2 : 1;
+  // 0: no row sees any key of the block starting at k0; 2: every row sees every key; 1: partly visible.
+  int coverage(int64_t k0) const {
+    const KeyBlock& block = key_blocks[k0 / p.block_keys];
+    if (!block.any || (p.causal && block.first_key > last_query)) return 0;
+    return block.all && (!p.causal || block.last_key <= first_query) ? 2 : 1;
   }
 
   // Scores (count keys x width rows, keys-first) of hidden pairs set to -1e30.
@@ -231,6 +267,27 @@ struct TileMask {
         IVec query;
         std::memcpy(&query, row_query.data() + r, sizeof query);
         store(row + r, key <= query ? load(row + r) : splat(-1e30f));
+      }
+    }
+  }
+
+  // Scores (n rows x width keys, rows-first) of hidden pairs set to -1e30, and of the padding keys from
+  // count to width.
+  void hide_rows(float* scores, int64_t n, int64_t k0, int64_t count, int64_t width) const {
+    thread_local std::vector<int32_t> key_index, key_valid;  // the block's, padded with hidden keys
+    key_index.assign(width, INT32_MAX);
+    key_valid.assign(width, 0);
+    for (int64_t k = 0; k < count; ++k) {
+      key_index[k] = p.causal ? p.kv_index[b * p.keys + k0 + k] : INT32_MIN;
+      key_valid[k] = p.kv_valid[b * p.keys + k0 + k] ? -1 : 0;
+    }
+    for (int64_t k = 0; k < width; k += kLanes) {
+      IVec index, valid;
+      std::memcpy(&index, &key_index[k], sizeof index);
+      std::memcpy(&valid, &key_valid[k], sizeof valid);
+      for (int64_t r = 0; r < n; ++r) {
+        float* score = scores + r * width + k;
+        store(score, (valid & (index <= row_query[r])) ? load(score) : splat(-1e30f));
       }
     }
   }
@@ -275,20 +332,20 @@ struct Inputs {
 
 // One row block of the forward pass: outputs, the rows' extra channels and log-sum-exp for rows
 // [r0, r0 + n). keys holds the head's keys contiguously, values_t its values transposed by key blocks.
-void forward_rows(const Problem& p, const Inputs& in, int64_t head, int64_t r0, const float* keys,
-                  const float* values_t, float* out, float* routed, float* lse) {
+void forward_rows(const Problem& p, const std::vector<KeyBlock>& key_blocks, const Inputs& in, int64_t head,
+                  int64_t r0, const float* keys, const float* values_t, float* out, float* routed, float* lse) {
   const int64_t n = std::min(p.block_rows, p.rows() - r0), width = round_up(n, kLanes);
   const int64_t hd = p.head_dim, vd = p.value_dim();
   std::vector<float> q_cols(hd * width);  // the block's Q^T, scaled: the products give scaled scores
   transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols.data(),
                    p.scale);
-  TileMask mask(p, head);
+  TileMask mask(p, key_blocks, head);
   mask.set_rows(r0, n);
   std::vector<float> scores(p.block_keys * width), acc(vd * width, 0.0f);
   std::vector<float> row_max(width, -1e20f), denom(width, 0.0f), rescale(width);
   for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys) {
     const int64_t count = std::min(p.block_keys, p.keys - k0);
-    const int coverage = mask.coverage(k0, count);
+    const int coverage = mask.coverage(k0);
     if (coverage == 0) continue;
     matmul(count, width, hd, keys + k0 * hd, hd, q_cols.data(), width, scores.data(), width, false);
     if (coverage == 1) mask.hide(scores.data(), k0, count, width);
@@ -346,35 +403,35 @@ struct Scratch {
   float* get(size_t n, float value) { return std::fill_n(get(n), n, value) - n; }
 };
 
-// The sizes of one head's backward operands: rows and widths padded to whole vectors.
+// The sizes of one head's backward operands; widths that a product reads as B padded to whole vectors.
 struct BackwardShape {
-  int64_t hd, vd, rows, keys, hd_pad, vd_pad, rows_pad, keys_pad;
+  int64_t hd, vd, rows, keys, hd_pad, vd_pad, keys_pad;
   explicit BackwardShape(const Problem& p)
       : hd(p.head_dim), vd(p.value_dim()), rows(p.rows()), keys(p.keys), hd_pad(round_up(hd, kLanes)),
-        vd_pad(round_up(vd, kLanes)), rows_pad(round_up(rows, kLanes)), keys_pad(round_up(keys, kLanes)) {}
-  int64_t floats() const {
-    return rows_pad * hd_pad + keys * vd + rows_pad * vd_pad + 2 * rows_pad + (hd + vd) * rows_pad + hd * keys_pad;
-  }
+        vd_pad(round_up(vd, kLanes)), keys_pad(round_up(keys, kLanes)) {}
+  int64_t floats() const { return rows * (hd_pad + vd_pad + 2) + keys_pad * (hd + vd + hd_pad); }
 };
 
-// One head's operands of the backward pass, made once and shared by the tasks of its key blocks.
-// Row-major copies the products need whole: Q (hd_pad wide), the values with the channels, dO with the
-// channels' cotangents (vd_pad wide); by blocks (transpose_blocks): Q^T scaled, dO^T and K^T.
+// One head's operands of the backward pass, made once and shared by the tasks of its key blocks. Row
+// side, row-major: Q (hd_pad wide), dO with the channels' cotangents (vd_pad wide), each row's lse and
+// delta. Key side: K^T and (V with the channels)^T by key blocks (transpose_blocks), and K (hd_pad wide).
+// Tiles are rows-first and the products read a transposed tile as it is (matmul<true>), so nothing on
+// the row side is ever transposed: dQ comes out in rows.
 struct HeadOperands {
-  float *q_rows, *values, *d_out, *lse, *delta, *qt, *d_out_t, *kt;
+  float *q_rows, *d_out, *lse, *delta, *kt, *vt, *k_rows;
   std::vector<TileMask> row_masks;  // one per row block
 
-  HeadOperands(const Problem& p, const BackwardShape& s, float* base, int64_t head) {
+  HeadOperands(const Problem& p, const std::vector<KeyBlock>& key_blocks, const BackwardShape& s, float* base,
+               int64_t head) {
     q_rows = base;
-    values = q_rows + s.rows_pad * s.hd_pad;
-    d_out = values + s.keys * s.vd;
-    lse = d_out + s.rows_pad * s.vd_pad;
-    delta = lse + s.rows_pad;
-    qt = delta + s.rows_pad;
-    d_out_t = qt + s.hd * s.rows_pad;
-    kt = d_out_t + s.vd * s.rows_pad;
+    d_out = q_rows + s.rows * s.hd_pad;
+    lse = d_out + s.rows * s.vd_pad;
+    delta = lse + s.rows;
+    kt = delta + s.rows;
+    vt = kt + s.hd * s.keys_pad;
+    k_rows = vt + s.vd * s.keys_pad;
     for (int64_t r0 = 0; r0 < s.rows; r0 += p.block_rows) {
-      row_masks.emplace_back(p, head);
+      row_masks.emplace_back(p, key_blocks, head);
       row_masks.back().set_rows(r0, std::min(p.block_rows, s.rows - r0));
     }
   }
@@ -382,94 +439,107 @@ struct HeadOperands {
 
 void prepare_head(const Problem& p, const BackwardShape& s, const Inputs& in, const Cotangents& g, int64_t head,
                   const HeadOperands& ops) {
-  auto q_row = [&](int64_t r) { return in.q + p.row_offset(head, r); };
-  std::fill_n(ops.q_rows, s.rows_pad * s.hd_pad, 0.0f);
-  std::fill_n(ops.d_out, s.rows_pad * s.vd_pad, 0.0f);
-  std::fill_n(ops.lse, s.rows_pad, 1e30f);  // padding rows: exp(s - 1e30) = 0
-  std::fill_n(ops.delta, s.rows_pad, 0.0f);
-  for (int64_t r = 0; r < s.rows; ++r) std::copy(q_row(r), q_row(r) + s.hd, &ops.q_rows[r * s.hd_pad]);
-  for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
-    return [row = &ops.values[j * s.vd]](int64_t c, float x) { row[c] = x; };
-  });
   for (int64_t r = 0; r < s.rows; ++r) {
+    const float* q_row = in.q + p.row_offset(head, r);
     const float* d_row = g.d_out + p.row_offset(head, r);
     const float* out_row = g.out + p.row_offset(head, r);
     const float* d_routed = g.d_routed + (head * s.rows + r) * p.channels;
     const float* routed = g.routed + (head * s.rows + r) * p.channels;
-    float sum = 0.0f;  // softmax backward: delta = rowsum(dO * O), channels included
-    for (int64_t c = 0; c < s.hd; ++c) sum += d_row[c] * out_row[c];
-    for (int64_t c = 0; c < p.channels; ++c) sum += d_routed[c] * routed[c];
-    std::copy(d_row, d_row + s.hd, &ops.d_out[r * s.vd_pad]);
-    std::copy(d_routed, d_routed + p.channels, &ops.d_out[r * s.vd_pad + s.hd]);
-    ops.delta[r] = sum;
+    float* q_copy = &ops.q_rows[r * s.hd_pad];
+    float* d_copy = &ops.d_out[r * s.vd_pad];
+    std::fill(std::copy_n(q_row, s.hd, q_copy), q_copy + s.hd_pad, 0.0f);
+    std::fill(std::copy_n(d_routed, p.channels, std::copy_n(d_row, s.hd, d_copy)), d_copy + s.vd_pad, 0.0f);
+    // softmax backward: delta = rowsum(dO * O), channels included
+    ops.delta[r] = dot(d_row, out_row, s.hd) + dot(d_routed, routed, p.channels);
     ops.lse[r] = g.lse[head * s.rows + r];
   }
-  transpose_blocks(q_row, s.rows, s.hd, p.block_rows, ops.qt, p.scale);  // scaled scores from the products
-  transpose_blocks([&](int64_t r) { return &ops.d_out[r * s.vd_pad]; }, s.rows, s.vd, p.block_rows, ops.d_out_t);
-  transpose_blocks([&](int64_t j) { return in.k + p.key_offset(head, j); }, s.keys, s.hd, p.block_keys, ops.kt);
+  auto key = [&](int64_t j) { return in.k + p.key_offset(head, j); };
+  transpose_blocks(key, s.keys, s.hd, p.block_keys, ops.kt);
+  for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
+    const int64_t k0 = j / p.block_keys * p.block_keys, width = round_up(std::min(p.block_keys, p.keys - k0), kLanes);
+    return [column = ops.vt + k0 * s.vd + (j - k0), width](int64_t c, float x) { column[c * width] = x; };
+  });
+  const int64_t last = (s.keys - 1) / p.block_keys * p.block_keys, last_width = s.keys_pad - last;
+  for (int64_t c = 0; c < s.vd; ++c)  // the last block's padding keys: zero, not uninitialised (0 * NaN)
+    std::fill(ops.vt + last * s.vd + c * last_width + (s.keys - last), ops.vt + last * s.vd + (c + 1) * last_width,
+              0.0f);
+  std::fill_n(ops.k_rows, s.keys_pad * s.hd_pad, 0.0f);
+  for (int64_t j = 0; j < s.keys; ++j) std::copy_n(key(j), s.hd, &ops.k_rows[j * s.hd_pad]);
 }
 
 // The key blocks [k_begin, k_end) of one head against every row block they can see: their dK and dV,
-// and their part of dQ^T / scale added into d_qt (by row blocks).
-void backward_keys(const Problem& p, const BackwardShape& s, const Inputs& in, const Cotangents& g,
-                   const HeadOperands& ops, int64_t head, int64_t k_begin, int64_t k_end, float* d_qt) {
-  const int64_t hd = s.hd, vd = s.vd, hd_pad = s.hd_pad, vd_pad = s.vd_pad;
-  const int64_t bk = p.block_keys, br = p.block_rows, key_stride = p.kv_heads * hd;
-  thread_local Scratch probs_buffer, d_scores_buffer, d_k_buffer, d_v_buffer;
-  float* probs = probs_buffer.get(bk * br);
-  float* d_scores = d_scores_buffer.get(bk * br);
+// and their part of dQ / scale added into d_q (rows x hd_pad).
+void backward_keys(const Problem& p, const BackwardShape& s, const Cotangents& g, const HeadOperands& ops,
+                   int64_t head, int64_t k_begin, int64_t k_end, float* d_q) {
+  const int64_t hd = s.hd, vd = s.vd, hd_pad = s.hd_pad, vd_pad = s.vd_pad, channels = p.channels;
+  const int64_t bk = p.block_keys, br = p.block_rows;
+  const Vec scale = splat(p.scale);
+  thread_local Scratch probs_buffer, d_scores_buffer, d_k_buffer, d_v_buffer, d_channels_buffer;
+  float* probs = probs_buffer.get(br * round_up(bk, kLanes));
+  float* d_scores = d_scores_buffer.get(br * round_up(bk, kLanes));
   for (int64_t k0 = k_begin; k0 < k_end; k0 += bk) {
-    const int64_t count = std::min(bk, p.keys - k0), count_pad = round_up(count, kLanes);
-    float* d_k = d_k_buffer.get(bk * hd_pad, 0.0f);
-    float* d_v = d_v_buffer.get(bk * vd_pad, 0.0f);
+    const int64_t count = std::min(bk, p.keys - k0), width = round_up(count, kLanes);
+    float* d_k = d_k_buffer.get(count * hd_pad, 0.0f);
+    float* d_v = d_v_buffer.get(count * hd_pad, 0.0f);
+    float* d_channels = d_channels_buffer.get(channels * width, 0.0f);  // (channels x keys)
+    const float* kt = ops.kt + k0 * hd;
+    const float* vt = ops.vt + k0 * vd;
     for (int64_t r0 = 0; r0 < s.rows; r0 += br) {
-      const int64_t width = round_up(std::min(br, s.rows - r0), kLanes);
+      const int64_t n = std::min(br, s.rows - r0);
       const TileMask& mask = ops.row_masks[r0 / br];
-      const int coverage = mask.coverage(k0, count);
+      const int coverage = mask.coverage(k0);
       if (coverage == 0) continue;
-      // P^T = exp(S^T - lse), S^T = K (scale Q)^T
-      matmul(count, width, hd, in.k + p.key_offset(head, k0), key_stride, &ops.qt[r0 * hd], width, probs, width,
-             false);
-      if (coverage == 1) mask.hide(probs, k0, count, width);
-      for (int64_t kk = 0; kk < count; ++kk)
-        for (int64_t r = 0; r < width; r += kLanes)
-          store(&probs[kk * width + r], vexp(load(&probs[kk * width + r]) - load(&ops.lse[r0 + r])));
-      // dV += P^T dO;  dP^T = V dO^T;  dS^T / scale = P^T (dP^T - delta)
-      matmul(count, vd_pad, width, probs, width, &ops.d_out[r0 * vd_pad], vd_pad, d_v, vd_pad, true);
-      matmul(count, width, vd, &ops.values[k0 * vd], vd, &ops.d_out_t[r0 * vd], width, d_scores, width, false);
-      for (int64_t kk = 0; kk < count; ++kk)
-        for (int64_t r = 0; r < width; r += kLanes) {
-          const int64_t i = kk * width + r;
-          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - load(&ops.delta[r0 + r])));
+      const float* q_rows = &ops.q_rows[r0 * hd_pad];
+      const float* d_out = &ops.d_out[r0 * vd_pad];
+      // P = exp(scale Q K^T - lse)
+      matmul(n, width, hd, q_rows, hd_pad, kt, width, probs, width, false);
+      if (coverage == 1 || count < width) mask.hide_rows(probs, n, k0, count, width);
+      for (int64_t r = 0; r < n; ++r) {
+        const Vec lse = splat(ops.lse[r0 + r]);
+        for (int64_t k = 0; k < width; k += kLanes) store(&probs[r * width + k], vexp(scale * load(&probs[r * width + k]) - lse));
+      }
+      // dV += P^T dO, the channels' part of it as a few vector sums (in the product they were a whole
+      // vector of columns: 16 for 2 channels)
+      matmul<true>(count, hd_pad, n, probs, width, d_out, vd_pad, d_v, hd_pad, true);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < channels; ++c) {
+          const Vec d_channel = splat(d_out[r * vd_pad + hd + c]);
+          for (int64_t k = 0; k < width; k += kLanes)
+            store(&d_channels[c * width + k], load(&d_channels[c * width + k]) + load(&probs[r * width + k]) * d_channel);
         }
-      // dK / scale += (dS^T / scale) Q;  dQ^T / scale += K^T (dS^T / scale)
-      matmul(count, hd_pad, width, d_scores, width, &ops.q_rows[r0 * hd_pad], hd_pad, d_k, hd_pad, true);
-      matmul(hd, width, count, &ops.kt[k0 * hd], count_pad, d_scores, width, &d_qt[r0 * hd], width, true);
+      // dS / scale = P (dO V^T - delta)
+      matmul(n, width, vd, d_out, vd_pad, vt, width, d_scores, width, false);
+      for (int64_t r = 0; r < n; ++r) {
+        const Vec delta = splat(ops.delta[r0 + r]);
+        for (int64_t k = 0; k < width; k += kLanes) {
+          const int64_t i = r * width + k;
+          store(&d_scores[i], load(&probs[i]) * (load(&d_scores[i]) - delta));
+        }
+      }
+      // dK / scale += dS^T Q;  dQ / scale += dS K
+      matmul<true>(count, hd_pad, n, d_scores, width, q_rows, hd_pad, d_k, hd_pad, true);
+      matmul(n, hd_pad, width, d_scores, width, ops.k_rows + k0 * hd_pad, hd_pad, d_q + r0 * hd_pad, hd_pad, true);
     }
     for (int64_t kk = 0; kk < count; ++kk) {
       float* d_key = g.d_k + p.key_offset(head, k0 + kk);
       float* d_value = g.d_v + p.key_offset(head, k0 + kk);
-      float* d_channel = g.d_extra + (head * p.keys + k0 + kk) * p.channels;
+      float* d_channel = g.d_extra + (head * p.keys + k0 + kk) * channels;
       for (int64_t c = 0; c < hd; ++c) d_key[c] = p.scale * d_k[kk * hd_pad + c];
-      for (int64_t c = 0; c < hd; ++c) d_value[c] = d_v[kk * vd_pad + c];
-      for (int64_t c = 0; c < p.channels; ++c) d_channel[c] = d_v[kk * vd_pad + hd + c];
+      std::copy_n(&d_v[kk * hd_pad], hd, d_value);
+      for (int64_t c = 0; c < channels; ++c) d_channel[c] = d_channels[c * width + kk];
     }
   }
 }
 
-// dQ of one head: scale times the sum of the chunks' dQ^T / scale, back in the model's layout.
-void finish_head(const Problem& p, const BackwardShape& s, const Cotangents& g, int64_t head,
-                 const float* d_qt_chunks, int64_t chunks, int64_t chunk_stride) {
-  for (int64_t r0 = 0; r0 < s.rows; r0 += p.block_rows) {
-    const int64_t n = std::min(p.block_rows, s.rows - r0), width = round_up(n, kLanes);
-    for (int64_t r = 0; r < n; ++r) {
-      float* d_row = g.d_q + p.row_offset(head, r0 + r);
-      for (int64_t c = 0; c < s.hd; ++c) {
-        float sum = 0.0f;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk)
-          sum += d_qt_chunks[chunk * chunk_stride + r0 * s.hd + c * width + r];
-        d_row[c] = p.scale * sum;
-      }
+// dQ of one head: scale times the sum of the chunks' dQ / scale, in the model's layout.
+void finish_head(const Problem& p, const BackwardShape& s, const Cotangents& g, int64_t head, const float* d_q_chunks,
+                 int64_t chunks, int64_t chunk_stride) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    float* d_row = g.d_q + p.row_offset(head, r);
+    for (int64_t c = 0; c < s.hd; ++c) {
+      float sum = 0.0f;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += d_q_chunks[chunk * chunk_stride + r * s.hd_pad + c];
+      d_row[c] = p.scale * sum;
     }
   }
 }
@@ -491,16 +561,17 @@ void forward(const Problem& p, const Inputs& in, float* out, float* routed, floa
       return [column = dst + k0 * p.value_dim() + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
     });
   });
+  const std::vector<KeyBlock> key_blocks = summarize_key_blocks(p);
   const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
   parallel(p.heads() * row_blocks, [&](int64_t task) {
     const int64_t head = task / row_blocks;
-    forward_rows(p, in, head, (task % row_blocks) * p.block_rows, keys + head * head_keys,
+    forward_rows(p, key_blocks, in, head, (task % row_blocks) * p.block_rows, keys + head * head_keys,
                  values_t + head * head_values, out, routed, lse);
   });
 }
 
 // The backward pass of every head. Tasks are (head, chunk of its key blocks). With fewer than two heads
-// per thread, each head is split so that no thread idles, and each chunk adds its part of dQ^T into a
+// per thread, each head is split so that no thread idles, and each chunk adds its part of dQ into a
 // buffer of its own, summed at the end (on bench_small's 2 cores, splitting 4 heads in 2 was 8 % slower:
 // it is a fallback). With enough heads a task is a whole head, prepared right before its tiles (still in
 // cache).
@@ -508,23 +579,25 @@ template <typename Parallel>
 void backward(const Problem& p, const Inputs& in, const Cotangents& g, int64_t threads, Parallel parallel) {
   const BackwardShape shape(p);
   const int64_t heads = p.heads(), key_blocks = (p.keys + p.block_keys - 1) / p.block_keys;
-  const int64_t head_dq = shape.hd * shape.rows_pad;
+  const int64_t head_dq = shape.rows * shape.hd_pad;
   int64_t chunks = std::clamp<int64_t>((2 * threads + heads - 1) / heads, 1, key_blocks);
   chunks = std::min(chunks, std::max<int64_t>(1, kMaxChunkFloats / (heads * head_dq)));
-  thread_local Scratch operands_buffer, d_qt_buffer;
+  thread_local Scratch operands_buffer, d_q_buffer;
   float* operands = operands_buffer.get(heads * shape.floats());
-  float* d_qt = d_qt_buffer.get(chunks * heads * head_dq);
+  float* d_q = d_q_buffer.get(chunks * heads * head_dq);
   std::vector<HeadOperands> ops;
-  for (int64_t head = 0; head < heads; ++head) ops.emplace_back(p, shape, operands + head * shape.floats(), head);
+  const std::vector<KeyBlock> summary = summarize_key_blocks(p);
+  for (int64_t head = 0; head < heads; ++head)
+    ops.emplace_back(p, summary, shape, operands + head * shape.floats(), head);
   auto prepare = [&](int64_t head) {
     prepare_head(p, shape, in, g, head, ops[head]);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) std::fill_n(d_qt + (chunk * heads + head) * head_dq, head_dq, 0.0f);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) std::fill_n(d_q + (chunk * heads + head) * head_dq, head_dq, 0.0f);
   };
-  auto finish = [&](int64_t head) { finish_head(p, shape, g, head, d_qt + head * head_dq, chunks, heads * head_dq); };
+  auto finish = [&](int64_t head) { finish_head(p, shape, g, head, d_q + head * head_dq, chunks, heads * head_dq); };
   if (chunks == 1) {
     parallel(heads, [&](int64_t head) {
       prepare(head);
-      backward_keys(p, shape, in, g, ops[head], head, 0, p.keys, d_qt + head * head_dq);
+      backward_keys(p, shape, g, ops[head], head, 0, p.keys, d_q + head * head_dq);
       finish(head);
     });
     return;
@@ -534,7 +607,7 @@ void backward(const Problem& p, const Inputs& in, const Cotangents& g, int64_t t
     const int64_t head = task / chunks, chunk = task % chunks;
     const int64_t k_begin = chunk * key_blocks / chunks * p.block_keys;
     const int64_t k_end = std::min(p.keys, (chunk + 1) * key_blocks / chunks * p.block_keys);
-    backward_keys(p, shape, in, g, ops[head], head, k_begin, k_end, d_qt + (chunk * heads + head) * head_dq);
+    backward_keys(p, shape, g, ops[head], head, k_begin, k_end, d_q + (chunk * heads + head) * head_dq);
   });
   parallel(heads, finish);
 }
@@ -548,8 +621,8 @@ Problem make_problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Bu
 }
 
 ffi::Error check_problem(const Problem& p) {
-  if (p.block_rows % kAlign)
-    return ffi::Error::InvalidArgument("wings flash attention (CPU): the row block must be a multiple of 16");
+  if (p.block_rows % kAlign || p.block_keys % kAlign)
+    return ffi::Error::InvalidArgument("wings flash attention (CPU): row and key blocks must be multiples of 16");
   return ffi::Error::Success();
 }
 
