@@ -156,20 +156,19 @@ class DecoderLayer(nn.Module):
                 if source is None:
                     source = _self_source(h1, inputs)
                 learner(h1, inputs.learner_rotation, source)
-        update = jnp.zeros_like(h1)
-        visual = visual_learner(h1, inputs.learner_rotation, inputs.visual) if self.use_visual else None
-        textual = textual_learner(h1, inputs.learner_rotation, inputs.textual) if self.use_textual else None
+        # each learner's output multiplier: a scalar or per token (B, L, 1)
+        visual_weight = None
+        textual_weight = None if inputs.textual_weight == 1.0 else jnp.asarray(inputs.textual_weight, h1.dtype)
         if self.use_router:
             weights = router(extra[..., :2]).astype(h1.dtype)  # (B, L, 2)
-            if visual is not None:
-                update += inputs.visual_weight[:, None, None].astype(h1.dtype) * weights[..., :1] * visual
-            if textual is not None:
-                update += inputs.textual_weight * weights[..., 1:] * textual
-            return update
-        if visual is not None:
-            update += visual
-        if textual is not None:
-            update += inputs.textual_weight * textual
+            if self.use_visual:
+                visual_weight = inputs.visual_weight[:, None, None].astype(h1.dtype) * weights[..., :1]
+            textual_weight = inputs.textual_weight * weights[..., 1:]
+        update = jnp.zeros_like(h1)
+        if self.use_visual:
+            update += visual_learner(h1, inputs.learner_rotation, inputs.visual, visual_weight)
+        if self.use_textual:
+            update += textual_learner(h1, inputs.learner_rotation, inputs.textual, textual_weight)
         return update
 
 
