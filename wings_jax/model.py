@@ -60,12 +60,16 @@ class WingsModel(nn.Module):
         decoder = Decoder(config, collect_laws=mode == "laws", name="decoder", **flags)
         input_ids = batch["input_ids"]
         image_mask = batch["image_mask"].astype(bool)
-        embeds = decoder.embed(input_ids)
-        features = None
+        token_embeds = decoder.embed(input_ids)
+        embeds, features = token_embeds, None
         if has_pixels:
             features = self._image_features(batch["pixel_values"], batch["image_valid"])
-            embeds = merge_image_features(embeds, features, image_mask)
-        inputs = self._layer_inputs(batch, embeds, features, flags, with_laws=mode == "laws")
+            embeds = merge_image_features(token_embeds, features, image_mask)
+        # The textual learner reads text positions only, where the token embeddings are the merged ones:
+        # reading them before the merge, its cotangents (a sum over every layer) go to the embedding table
+        # alone, not through the merge's select into both the table and the image features, which
+        # XLA:CPU computed once for each.
+        inputs = self._layer_inputs(batch, token_embeds, features, flags, with_laws=mode == "laws")
         if mode == "prefill":
             inputs, state = _prefill_inputs(inputs, batch, cache_length, text_cache_length or cache_length,
                                             config.wings.system_prompt_length)
@@ -166,7 +170,7 @@ class WingsModel(nn.Module):
             return dict(use_visual=False, use_textual=True, use_router=False)
         return dict(use_visual=has_pixels, use_textual=True, use_router=True)
 
-    def _layer_inputs(self, batch, embeds, features, flags, with_laws) -> LayerInputs:
+    def _layer_inputs(self, batch, token_embeds, features, flags, with_laws) -> LayerInputs:
         config, wings = self.config, self.config.wings
         image_mask = batch["image_mask"].astype(bool)
         attention_mask = batch["attention_mask"].astype(bool)
@@ -184,7 +188,7 @@ class WingsModel(nn.Module):
                 inputs = inputs._replace(visual=visual_source_causal(features, valid, image_mask, positions),
                                          visual_weight=jnp.ones(image_mask.shape[:1], jnp.float32))
             if flags["use_textual"]:
-                inputs = inputs._replace(textual=textual_source_causal(embeds, image_mask, attention_mask,
+                inputs = inputs._replace(textual=textual_source_causal(token_embeds, image_mask, attention_mask,
                                                                        positions, s))
             return inputs
         if flags["use_visual"]:
@@ -194,7 +198,7 @@ class WingsModel(nn.Module):
         else:
             has_image = jnp.zeros(image_mask.shape[:1], bool)
         if flags["use_textual"]:
-            textual, pad = textual_source_reference(embeds, image_mask, attention_mask, has_image, s,
+            textual, pad = textual_source_reference(token_embeds, image_mask, attention_mask, has_image, s,
                                                     config.image_tokens)
             inputs = inputs._replace(textual=textual)
             if flags["use_router"]:
