@@ -11,6 +11,7 @@ import optax
 
 from train.optim import merge, partition
 from train.state import TrainState
+from wings_jax.model import count_label_tokens
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], grad_accum: int) -> dict[str, jax.Array]:
@@ -46,39 +47,39 @@ def make_train_step(
     ``sharding.Partitioner``) the step keeps the state's layout and returns replicated metrics.
     """
 
-    def loss_sum(trainable, frozen, micro_batch):
+    def loss(trainable, frozen, micro_batch, denominator):
         out = model.apply({"params": merge(trainable, frozen)}, micro_batch)
-        return out["loss_sum"].astype(jnp.float32), out["num_tokens"]
+        return out["loss_sum"].astype(jnp.float32) / denominator
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(loss)
 
-    def accumulate(trainable, frozen, batch):
+    def accumulate(trainable, frozen, batch, denominator):
+        """The whole batch's loss and its gradients, micro-batch by micro-batch. Each micro-batch's loss is
+        divided by the whole batch's label count before differentiation, so the gradients need no pass
+        of their own to be divided."""
         if grad_accum == 1:
-            (total, tokens), grads = grad_fn(trainable, frozen, batch)
-            return grads, total, tokens
+            return grad_fn(trainable, frozen, batch, denominator)
 
         def body(carry, micro_batch):
-            grads_acc, total_acc, tokens_acc = carry
-            (total, tokens), grads = grad_fn(trainable, frozen, micro_batch)
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            return (grads_acc, total_acc + total, tokens_acc + tokens), None
+            loss_acc, grads_acc = carry
+            value, grads = grad_fn(trainable, frozen, micro_batch, denominator)
+            return (loss_acc + value, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, tokens), _ = jax.lax.scan(body, init, split_micro_batches(batch, grad_accum))
-        return grads, total, tokens
+        (value, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                         split_micro_batches(batch, grad_accum))
+        return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable, frozen = partition(state.params, labels)
-        grad_sums, total, tokens = accumulate(trainable, frozen, batch)
-        denominator = jnp.maximum(tokens, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, trainable)
+        tokens = count_label_tokens(batch["labels"])
+        value, grads = accumulate(trainable, frozen, batch, jnp.maximum(tokens, 1).astype(jnp.float32))
         # Frozen groups map to set_to_zero, whose zero "gradients" XLA removes as dead code.
         frozen_grads = jax.tree.map(jnp.zeros_like, frozen)
         updates, opt_state = tx.update(merge(grads, frozen_grads), state.opt_state, state.params)
         trainable_updates, _ = partition(updates, labels)
         params = merge(optax.apply_updates(trainable, trainable_updates), frozen)
-        metrics = {"loss": total / denominator, "grad_norm": optax.tree.norm(grads), "num_tokens": tokens}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "num_tokens": tokens}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     shardings = {}

@@ -270,6 +270,12 @@ def segment_indicators(image_mask: jnp.ndarray, attention_mask: jnp.ndarray) -> 
     return segments.astype(jnp.float32)
 
 
+def count_label_tokens(labels: jnp.ndarray) -> jnp.ndarray:
+    """How many positions of ``labels`` (B, L) the loss counts: every labelled position but each row's first
+    (the labels are shifted: position i predicts label i + 1)."""
+    return jnp.sum(labels[:, 1:] != IGNORE_INDEX).astype(jnp.int32)
+
+
 def chunked_cross_entropy(hidden, head, labels, chunk_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
@@ -290,14 +296,13 @@ def chunked_cross_entropy(hidden, head, labels, chunk_size: int) -> tuple[jnp.nd
         t = t.reshape(-1)
         valid = t != IGNORE_INDEX
         picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * valid), jnp.sum(valid)
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * valid)
 
     if padded == chunk:  # one chunk: its logits are needed whole anyway, so keep them for the backward
-        loss_sum, count = chunk_loss(hidden[0], targets[0])
-        return loss_sum, count.astype(jnp.int32)
+        return chunk_loss(hidden[0], targets[0]), count_label_tokens(labels)
     # several chunks: recompute each chunk's logits in the backward instead of storing them all
-    sums, counts = jax.lax.map(lambda xs: jax.checkpoint(chunk_loss)(*xs), (hidden, targets))
-    return sums.sum(), counts.sum().astype(jnp.int32)
+    sums = jax.lax.map(lambda xs: jax.checkpoint(chunk_loss)(*xs), (hidden, targets))
+    return sums.sum(), count_label_tokens(labels)
 
 
 def dummy_batch(config: ModelConfig, batch_size: int = 1, seq_len: int = 8) -> dict:
