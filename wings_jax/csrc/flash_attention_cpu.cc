@@ -168,6 +168,17 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t max_workers, con
 
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
+// A thread's scratch buffer, kept between calls: allocated afresh, a call's few MB were page faults
+// on every step.
+struct Scratch {
+  std::vector<float> data;
+  float* get(size_t n) {
+    if (data.size() < n) data.resize(n);
+    return data.data();
+  }
+  float* get(size_t n, float value) { return std::fill_n(get(n), n, value) - n; }
+};
+
 // The arrays in the model's layouts: q and out (batch, queries, kv_heads * group, head_dim); k and v
 // (batch, keys, kv_heads, head_dim); extra value channels (batch, keys, channels), shared by every head.
 // A "head" below is one (batch, key/value head) pair, and its rows are (query, group member) pairs:
@@ -336,19 +347,22 @@ void forward_rows(const Problem& p, const std::vector<KeyBlock>& key_blocks, con
                   int64_t r0, const float* keys, const float* values_t, float* out, float* routed, float* lse) {
   const int64_t n = std::min(p.block_rows, p.rows() - r0), width = round_up(n, kLanes);
   const int64_t hd = p.head_dim, vd = p.value_dim();
-  std::vector<float> q_cols(hd * width);  // the block's Q^T, scaled: the products give scaled scores
-  transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols.data(),
-                   p.scale);
+  thread_local Scratch q_cols_buffer, scores_buffer, acc_buffer, rows_buffer;
+  float* q_cols = q_cols_buffer.get(hd * width);  // the block's Q^T, scaled: the products give scaled scores
+  transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols, p.scale);
   TileMask mask(p, key_blocks, head);
   mask.set_rows(r0, n);
-  std::vector<float> scores(p.block_keys * width), acc(vd * width, 0.0f);
-  std::vector<float> row_max(width, -1e20f), denom(width, 0.0f), rescale(width);
+  float* scores = scores_buffer.get(p.block_keys * width);
+  float* acc = acc_buffer.get(vd * width, 0.0f);
+  float* row_max = rows_buffer.get(3 * width, -1e20f);  // the rows' running maximum, denominator, rescale
+  float* denom = std::fill_n(row_max + width, width, 0.0f) - width;
+  float* rescale = denom + width;
   for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys) {
     const int64_t count = std::min(p.block_keys, p.keys - k0);
     const int coverage = mask.coverage(k0);
     if (coverage == 0) continue;
-    matmul(count, width, hd, keys + k0 * hd, hd, q_cols.data(), width, scores.data(), width, false);
-    if (coverage == 1) mask.hide(scores.data(), k0, count, width);
+    matmul(count, width, hd, keys + k0 * hd, hd, q_cols, width, scores, width, false);
+    if (coverage == 1) mask.hide(scores, k0, count, width);
     for (int64_t r = 0; r < width; r += kLanes) {
       const Vec old_max = load(&row_max[r]);
       Vec new_max = old_max;
@@ -367,7 +381,7 @@ void forward_rows(const Problem& p, const std::vector<KeyBlock>& key_blocks, con
     for (int64_t c = 0; c < vd; ++c)
       for (int64_t r = 0; r < width; r += kLanes)
         store(&acc[c * width + r], load(&acc[c * width + r]) * load(&rescale[r]));
-    matmul(vd, width, count, values_t + k0 * vd, count, scores.data(), width, acc.data(), width, true);
+    matmul(vd, width, count, values_t + k0 * vd, count, scores, width, acc, width, true);
   }
   for (int64_t r = 0; r < n; ++r) {
     const bool seen = denom[r] > 0.0f;
@@ -390,17 +404,6 @@ struct Cotangents {
   float* d_k;             // like k
   float* d_v;             // like v
   float* d_extra;         // (B, KV, keys, channels): each head's share
-};
-
-// A thread's scratch buffer, kept between calls: allocated afresh, a call's few MB were page faults
-// on every step.
-struct Scratch {
-  std::vector<float> data;
-  float* get(size_t n) {
-    if (data.size() < n) data.resize(n);
-    return data.data();
-  }
-  float* get(size_t n, float value) { return std::fill_n(get(n), n, value) - n; }
 };
 
 // The sizes of one head's backward operands; widths that a product reads as B padded to whole vectors.
@@ -563,9 +566,11 @@ void forward(const Problem& p, const Inputs& in, float* out, float* routed, floa
   });
   const std::vector<KeyBlock> key_blocks = summarize_key_blocks(p);
   const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
+  // the last row blocks first: under a causal mask they see the most keys, and a long task left for
+  // the end would leave the other threads idle
   parallel(p.heads() * row_blocks, [&](int64_t task) {
-    const int64_t head = task / row_blocks;
-    forward_rows(p, key_blocks, in, head, (task % row_blocks) * p.block_rows, keys + head * head_keys,
+    const int64_t head = task % p.heads(), row_block = row_blocks - 1 - task / p.heads();
+    forward_rows(p, key_blocks, in, head, row_block * p.block_rows, keys + head * head_keys,
                  values_t + head * head_values, out, routed, lse);
   });
 }
