@@ -93,8 +93,8 @@ def report(results: dict) -> None:
         ("tokens/s", results["tokens_per_s"]),
         ("model TFLOP per step", results["model_tflops_per_step"]),
         ("achieved TFLOP/s", results["achieved_tflops"]),
-        ("measured matmul peak TFLOP/s", f"{results['matmul_peak_tflops']:.4g} (best of {results['matmul_peak_samples']} "
-                                         "samples over the run)"),
+        ("measured matmul peak TFLOP/s",
+         f"{results['matmul_peak_tflops']:.4g} (best of {results['matmul_peak_samples']} samples over the run)"),
         ("MFU (median step)", f"{100 * results['mfu']:.1f} %"),
         ("MFU (fastest step)", f"{100 * results['mfu_fastest_step']:.1f} %"),
         ("lower / compile (s)", f"{results['lower_s']:.2f} / {results['compile_s']:.2f}"),

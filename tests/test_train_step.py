@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -136,3 +137,22 @@ def test_accumulating_micro_batches_equals_one_big_step(stage2_setup):
         np.testing.assert_allclose(value, flat_whole[path], rtol=0, atol=1e-6, err_msg="/".join(path))
         moved = max(moved, float(np.abs(value - flat_initial[path]).max()))
     assert moved > 1e-4  # the runs did train: the comparison is not between two untouched states
+
+
+def test_step_reports_the_batch_mean_loss_and_its_gradient_norm(stage2_setup):
+    """The step divides by the batch's label count before differentiating: its loss and gradient norm
+    equal those of the mean next-token cross-entropy, computed here from the logits."""
+    config, batch, random_params, (initial, _, losses, grad_norms) = stage2_setup
+    model = WingsModel(config)
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE_INDEX
+
+    def mean_loss(params):
+        logits = model.apply({"params": params}, batch, method=WingsModel.logits)[:, :-1]
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), np.where(labelled, targets, 0)[..., None], -1)
+        return -jnp.sum(picked[..., 0] * labelled) / labelled.sum()
+
+    grads = traverse_util.flatten_dict(jax.grad(mean_loss)(initial))
+    trained = [np.asarray(g) for path, g in grads.items() if param_group(path) in STAGE2_RATES]
+    np.testing.assert_allclose(losses[0], float(mean_loss(initial)), rtol=1e-5)
+    np.testing.assert_allclose(grad_norms[0], np.sqrt(sum(float(np.sum(g * g)) for g in trained)), rtol=1e-4)
