@@ -156,14 +156,15 @@ class DecoderLayer(nn.Module):
                 if source is None:
                     source = _self_source(h1, inputs)
                 learner(h1, inputs.learner_rotation, source)
-        # each learner's output multiplier: a scalar or per token (B, L, 1)
+        # each learner's output multiplier: a scalar or per token (B, L, 1); ``textual_weight`` may be traced
+        # (remat passes the layer inputs as arguments), so it is multiplied whatever its value
         visual_weight = None
-        textual_weight = None if inputs.textual_weight == 1.0 else jnp.asarray(inputs.textual_weight, h1.dtype)
+        textual_weight = jnp.asarray(inputs.textual_weight, h1.dtype)
         if self.use_router:
             weights = router(extra[..., :2]).astype(h1.dtype)  # (B, L, 2)
             if self.use_visual:
                 visual_weight = inputs.visual_weight[:, None, None].astype(h1.dtype) * weights[..., :1]
-            textual_weight = inputs.textual_weight * weights[..., 1:]
+            textual_weight = textual_weight * weights[..., 1:]
         update = jnp.zeros_like(h1)
         if self.use_visual:
             update += visual_learner(h1, inputs.learner_rotation, inputs.visual, visual_weight)
