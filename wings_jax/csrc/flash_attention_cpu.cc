@@ -499,7 +499,8 @@ void backward_keys(const Problem& p, const BackwardShape& s, const Cotangents& g
       if (coverage == 1 || count < width) mask.hide_rows(probs, n, k0, count, width);
       for (int64_t r = 0; r < n; ++r) {
         const Vec lse = splat(ops.lse[r0 + r]);
-        for (int64_t k = 0; k < width; k += kLanes) store(&probs[r * width + k], vexp(scale * load(&probs[r * width + k]) - lse));
+        float* row = &probs[r * width];
+        for (int64_t k = 0; k < width; k += kLanes) store(row + k, vexp(scale * load(row + k) - lse));
       }
       // dV += P^T dO, the channels' part of it as a few vector sums (in the product they were a whole
       // vector of columns: 16 for 2 channels)
@@ -507,8 +508,8 @@ void backward_keys(const Problem& p, const BackwardShape& s, const Cotangents& g
       for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < channels; ++c) {
           const Vec d_channel = splat(d_out[r * vd_pad + hd + c]);
-          for (int64_t k = 0; k < width; k += kLanes)
-            store(&d_channels[c * width + k], load(&d_channels[c * width + k]) + load(&probs[r * width + k]) * d_channel);
+          float* sums = &d_channels[c * width];
+          for (int64_t k = 0; k < width; k += kLanes) store(sums + k, load(sums + k) + load(&probs[r * width + k]) * d_channel);
         }
       // dS / scale = P (dO V^T - delta)
       matmul(n, width, vd, d_out, vd_pad, vt, width, d_scores, width, false);
