@@ -509,7 +509,8 @@ void backward_keys(const Problem& p, const BackwardShape& s, const Cotangents& g
         for (int64_t c = 0; c < channels; ++c) {
           const Vec d_channel = splat(d_out[r * vd_pad + hd + c]);
           float* sums = &d_channels[c * width];
-          for (int64_t k = 0; k < width; k += kLanes) store(sums + k, load(sums + k) + load(&probs[r * width + k]) * d_channel);
+          for (int64_t k = 0; k < width; k += kLanes)
+            store(sums + k, load(sums + k) + load(&probs[r * width + k]) * d_channel);
         }
       // dS / scale = P (dO V^T - delta)
       matmul(n, width, vd, d_out, vd_pad, vt, width, d_scores, width, false);
