@@ -41,6 +41,17 @@ def test_kernel_matches_xla_over_many_blocks(mask_name, heads, kv_heads, head_di
     check_against_xla(CPU_FLASH, inputs, mask)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)], ids=["group1", "group3"])
+def test_kernel_matches_xla_when_whole_blocks_see_nothing(heads, kv_heads):
+    """The textual learner's case: the keys past an image span only (whole 64-key blocks invalid, whose
+    operands the kernel does not prepare), and early queries that see no key (whole row blocks left at
+    zero, their operands not prepared either)."""
+    inputs, _ = random_inputs(3, q_len=200, kv_len=200, heads=heads, kv_heads=kv_heads, head_dim=32)
+    index = jnp.broadcast_to(jnp.arange(200), (2, 200))
+    text = (index >= 140) & (index < jnp.array([[200], [190]]))  # row 1 padded after 190
+    check_against_xla(CPU_FLASH, inputs, MaskSpec(index, index, text, causal=True))
+
+
 def test_stage2_model_on_the_kernel_matches_xla():
     """Main attention with the router channels and both learners, scanned layers: loss and every gradient."""
     check_stage2_model_against_xla("cpu_flash")

@@ -193,6 +193,7 @@ struct Problem {
   const int32_t* kv_valid;  // (batch, keys)
 
   int64_t heads() const { return batch * kv_heads; }
+  int64_t key_blocks() const { return (keys + block_keys - 1) / block_keys; }
   int64_t rows() const { return queries * group; }
   int64_t value_dim() const { return head_dim + channels; }
   // Offset of row r of head (b, h) in q, out, d_out or d_q.
@@ -218,7 +219,7 @@ struct KeyBlock {
 // Every key block of every batch row, (batch, key blocks), summarised once per call rather than at each
 // of its tiles.
 std::vector<KeyBlock> summarize_key_blocks(const Problem& p) {
-  const int64_t blocks = (p.keys + p.block_keys - 1) / p.block_keys;
+  const int64_t blocks = p.key_blocks();
   std::vector<KeyBlock> summary(p.batch * blocks);
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t j = 0; j < p.keys; ++j) {
@@ -235,6 +236,15 @@ std::vector<KeyBlock> summarize_key_blocks(const Problem& p) {
   return summary;
 }
 
+// Calls visit(k0, count) for each key block [k0, k0 + count) of head's batch row that holds a valid key:
+// no tile reads the others, so their operands need not be prepared.
+template <typename Visit>
+void for_live_key_blocks(const Problem& p, const std::vector<KeyBlock>& summary, int64_t head, Visit visit) {
+  const KeyBlock* blocks = summary.data() + head / p.kv_heads * p.key_blocks();
+  for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys)
+    if (blocks[k0 / p.block_keys].any) visit(k0, std::min(p.block_keys, p.keys - k0));
+}
+
 // Which rows of a row block may see which keys of a key block.
 struct TileMask {
   const Problem& p;
@@ -245,7 +255,7 @@ struct TileMask {
 
   TileMask(const Problem& problem, const std::vector<KeyBlock>& summary, int64_t head)
       : p(problem), b(head / problem.kv_heads),
-        key_blocks(summary.data() + b * ((problem.keys + problem.block_keys - 1) / problem.block_keys)) {}
+        key_blocks(summary.data() + b * problem.key_blocks()) {}
 
   // Rows [r0, r0 + count); the padding rows up to a whole vector see no key of a causal mask.
   void set_rows(int64_t r0, int64_t count) {
@@ -260,6 +270,13 @@ struct TileMask {
     const KeyBlock& block = key_blocks[k0 / p.block_keys];
     if (!block.any || (p.causal && block.first_key > last_query)) return 0;
     return block.all && (!p.causal || block.last_key <= first_query) ? 2 : 1;
+  }
+
+  // Does any row see any key? (Not the textual learner's rows in and before the image.)
+  bool sees_any() const {
+    for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys)
+      if (coverage(k0)) return true;
+    return false;
   }
 
   // Scores (count keys x width rows, keys-first) of hidden pairs set to -1e30.
@@ -321,11 +338,12 @@ void transpose_blocks(RowStart row, int64_t rows, int64_t cols, int64_t block, f
   }
 }
 
-// A head's value rows with the extra channels appended (value_dim wide), through
-// ``emit(j, column, x)`` for ``column`` in [0, value_dim) of key j; the columns of a key are emitted in order.
+// A head's value rows with the extra channels appended (value_dim wide) for keys [begin, end), through
+// ``emit(j)(column, x)`` for ``column`` in [0, value_dim) of key j; the columns of a key are emitted in order.
 template <typename Emit>
-void for_each_value(const Problem& p, const float* v, const float* extra, int64_t head, Emit emit) {
-  for (int64_t j = 0; j < p.keys; ++j) {
+void for_each_value(const Problem& p, const float* v, const float* extra, int64_t head, int64_t begin, int64_t end,
+                    Emit emit) {
+  for (int64_t j = begin; j < end; ++j) {
     const float* value = v + p.key_offset(head, j);
     const float* channel = extra + p.channel_offset(head, j);
     auto column = emit(j);
@@ -348,15 +366,16 @@ void forward_rows(const Problem& p, const std::vector<KeyBlock>& key_blocks, con
   const int64_t n = std::min(p.block_rows, p.rows() - r0), width = round_up(n, kLanes);
   const int64_t hd = p.head_dim, vd = p.value_dim();
   thread_local Scratch q_cols_buffer, scores_buffer, acc_buffer, rows_buffer;
-  float* q_cols = q_cols_buffer.get(hd * width);  // the block's Q^T, scaled: the products give scaled scores
-  transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols, p.scale);
   TileMask mask(p, key_blocks, head);
   mask.set_rows(r0, n);
-  float* scores = scores_buffer.get(p.block_keys * width);
   float* acc = acc_buffer.get(vd * width, 0.0f);
   float* row_max = rows_buffer.get(3 * width, -1e20f);  // the rows' running maximum, denominator, rescale
   float* denom = std::fill_n(row_max + width, width, 0.0f) - width;
   float* rescale = denom + width;
+  float* scores = scores_buffer.get(p.block_keys * width);
+  float* q_cols = q_cols_buffer.get(hd * width);  // the block's Q^T, scaled: the products give scaled scores
+  if (mask.sees_any())  // else the rows keep their zeros
+    transpose_blocks([&](int64_t r) { return in.q + p.row_offset(head, r0 + r); }, n, hd, width, q_cols, p.scale);
   for (int64_t k0 = 0; k0 < p.keys; k0 += p.block_keys) {
     const int64_t count = std::min(p.block_keys, p.keys - k0);
     const int coverage = mask.coverage(k0);
@@ -422,10 +441,12 @@ struct BackwardShape {
 // the row side is ever transposed: dQ comes out in rows.
 struct HeadOperands {
   float *q_rows, *d_out, *lse, *delta, *kt, *vt, *k_rows;
+  const std::vector<KeyBlock>& key_blocks;
   std::vector<TileMask> row_masks;  // one per row block
 
-  HeadOperands(const Problem& p, const std::vector<KeyBlock>& key_blocks, const BackwardShape& s, float* base,
-               int64_t head) {
+  HeadOperands(const Problem& p, const std::vector<KeyBlock>& summary, const BackwardShape& s, float* base,
+               int64_t head)
+      : key_blocks(summary) {
     q_rows = base;
     d_out = q_rows + s.rows * s.hd_pad;
     lse = d_out + s.rows * s.vd_pad;
@@ -443,6 +464,10 @@ struct HeadOperands {
 void prepare_head(const Problem& p, const BackwardShape& s, const Inputs& in, const Cotangents& g, int64_t head,
                   const HeadOperands& ops) {
   for (int64_t r = 0; r < s.rows; ++r) {
+    if (r % p.block_rows == 0 && !ops.row_masks[r / p.block_rows].sees_any()) {  // no tile reads these rows
+      r += std::min(p.block_rows, s.rows - r) - 1;
+      continue;
+    }
     const float* q_row = in.q + p.row_offset(head, r);
     const float* d_row = g.d_out + p.row_offset(head, r);
     const float* out_row = g.out + p.row_offset(head, r);
@@ -457,17 +482,18 @@ void prepare_head(const Problem& p, const BackwardShape& s, const Inputs& in, co
     ops.lse[r] = g.lse[head * s.rows + r];
   }
   auto key = [&](int64_t j) { return in.k + p.key_offset(head, j); };
-  transpose_blocks(key, s.keys, s.hd, p.block_keys, ops.kt);
-  for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
-    const int64_t k0 = j / p.block_keys * p.block_keys, width = round_up(std::min(p.block_keys, p.keys - k0), kLanes);
-    return [column = ops.vt + k0 * s.vd + (j - k0), width](int64_t c, float x) { column[c * width] = x; };
-  });
-  const int64_t last = (s.keys - 1) / p.block_keys * p.block_keys, last_width = s.keys_pad - last;
-  for (int64_t c = 0; c < s.vd; ++c)  // the last block's padding keys: zero, not uninitialised (0 * NaN)
-    std::fill(ops.vt + last * s.vd + c * last_width + (s.keys - last), ops.vt + last * s.vd + (c + 1) * last_width,
-              0.0f);
   std::fill_n(ops.k_rows, s.keys_pad * s.hd_pad, 0.0f);
-  for (int64_t j = 0; j < s.keys; ++j) std::copy_n(key(j), s.hd, &ops.k_rows[j * s.hd_pad]);
+  for_live_key_blocks(p, ops.key_blocks, head, [&](int64_t k0, int64_t count) {
+    const int64_t width = round_up(count, kLanes);
+    transpose_blocks([&](int64_t j) { return key(k0 + j); }, count, s.hd, p.block_keys, ops.kt + k0 * s.hd);
+    float* block = ops.vt + k0 * s.vd;
+    for (int64_t c = 0; c < s.vd; ++c)  // padding keys: zero, not uninitialised (0 * NaN)
+      std::fill(block + c * width + count, block + (c + 1) * width, 0.0f);
+    for_each_value(p, in.v, in.extra, head, k0, k0 + count, [&](int64_t j) {
+      return [column = block + (j - k0), width](int64_t c, float x) { column[c * width] = x; };
+    });
+    for (int64_t j = k0; j < k0 + count; ++j) std::copy_n(key(j), s.hd, &ops.k_rows[j * s.hd_pad]);
+  });
 }
 
 // The key blocks [k_begin, k_end) of one head against every row block they can see: their dK and dV,
@@ -557,16 +583,17 @@ void forward(const Problem& p, const Inputs& in, float* out, float* routed, floa
   thread_local Scratch keys_buffer, values_buffer;
   float* keys = keys_buffer.get(p.heads() * head_keys);  // each head's keys, contiguous
   float* values_t = values_buffer.get(p.heads() * head_values);  // each head's values transposed by key blocks
+  const std::vector<KeyBlock> key_blocks = summarize_key_blocks(p);
   parallel(p.heads(), [&](int64_t head) {
-    for (int64_t j = 0; j < p.keys; ++j)
-      std::copy_n(in.k + p.key_offset(head, j), p.head_dim, keys + head * head_keys + j * p.head_dim);
-    float* dst = values_t + head * head_values;
-    for_each_value(p, in.v, in.extra, head, [&](int64_t j) {
-      const int64_t k0 = j / p.block_keys * p.block_keys, count = std::min(p.block_keys, p.keys - k0);
-      return [column = dst + k0 * p.value_dim() + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
+    for_live_key_blocks(p, key_blocks, head, [&](int64_t k0, int64_t count) {
+      for (int64_t j = k0; j < k0 + count; ++j)
+        std::copy_n(in.k + p.key_offset(head, j), p.head_dim, keys + head * head_keys + j * p.head_dim);
+      float* block = values_t + head * head_values + k0 * p.value_dim();
+      for_each_value(p, in.v, in.extra, head, k0, k0 + count, [&](int64_t j) {
+        return [column = block + (j - k0), count](int64_t c, float x) { column[c * count] = x; };
+      });
     });
   });
-  const std::vector<KeyBlock> key_blocks = summarize_key_blocks(p);
   const int64_t row_blocks = (p.rows() + p.block_rows - 1) / p.block_rows;
   // the last row blocks first: under a causal mask they see the most keys, and a long task left for
   // the end would leave the other threads idle
@@ -585,7 +612,7 @@ void forward(const Problem& p, const Inputs& in, float* out, float* routed, floa
 template <typename Parallel>
 void backward(const Problem& p, const Inputs& in, const Cotangents& g, int64_t threads, Parallel parallel) {
   const BackwardShape shape(p);
-  const int64_t heads = p.heads(), key_blocks = (p.keys + p.block_keys - 1) / p.block_keys;
+  const int64_t heads = p.heads(), key_blocks = p.key_blocks();
   const int64_t head_dq = shape.rows * shape.hd_pad;
   int64_t chunks = std::clamp<int64_t>((2 * threads + heads - 1) / heads, 1, key_blocks);
   chunks = std::min(chunks, std::max<int64_t>(1, kMaxChunkFloats / (heads * head_dq)));
